@@ -1,0 +1,141 @@
+"""Quantization configs (frozen data, versioned dict form) and the preset registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from dmq.errors import ConfigError
+from dmq.formats import QuantSpec
+
+__all__ = ["QuantConfig", "CONFIG_VERSION", "register_preset", "get_preset", "list_presets", "resolve_config"]
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize in a denoiser, and how.
+
+    weight / activation: specs for the main GEMM layers (linears, and convolutions when ``quantize_convs``);
+    ``activation=None`` means weight-only. modulation: spec for the per-block modulation linears (adaLN), which are
+    always weight-only; ``None`` keeps them 16-bit. include / exclude: shell-style patterns over module names
+    (``fnmatch``); ``include`` restricts the targets to matching names and also forces modules that dmq keeps
+    16-bit by default; ``exclude`` wins over both. ``needs_calibration``: set by presets whose activation ranges
+    or methods need calibration data.
+    """
+
+    weight: QuantSpec
+    activation: QuantSpec | None = None
+    modulation: QuantSpec | None = None
+    quantize_convs: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    name: str = "custom"
+    needs_calibration: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weight.granularity == "token":
+            raise ConfigError("weights cannot be quantized per token; use 'tensor', 'channel' or 'group'")
+        if self.modulation is not None and self.modulation.granularity == "token":
+            raise ConfigError("modulation weights cannot be quantized per token")
+        if self.activation is not None:
+            if self.activation.granularity == "channel":
+                raise ConfigError("activations cannot be quantized per input channel (no GEMM can apply such "
+                                  "scales); use 'token', 'group' or 'tensor'")
+            if not self.activation.dynamic and not self.needs_calibration:
+                raise ConfigError("static activation ranges need calibration: set needs_calibration=True")
+        for attr in ("include", "exclude"):
+            pats = getattr(self, attr)
+            if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
+                raise ConfigError(f"{attr} must be a tuple of shell-style patterns, got {pats!r}")
+            object.__setattr__(self, attr, tuple(pats))
+
+    def describe(self) -> str:
+        act = self.activation.describe() if self.activation else "16-bit"
+        return f"weights {self.weight.describe()}, activations {act}"
+
+    def with_patterns(self, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> "QuantConfig":
+        """A copy with more include/exclude patterns."""
+        return replace(self, include=self.include + tuple(include), exclude=self.exclude + tuple(exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CONFIG_VERSION,
+            "name": self.name,
+            "weight": self.weight.to_dict(),
+            "activation": self.activation.to_dict() if self.activation else None,
+            "modulation": self.modulation.to_dict() if self.modulation else None,
+            "quantize_convs": self.quantize_convs,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "needs_calibration": self.needs_calibration,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        version = d.get("version")
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"QuantConfig version {version!r} is not supported by this dmq "
+                              f"(expects {CONFIG_VERSION}); re-quantize with this version")
+        spec = lambda v: QuantSpec.from_dict(v) if v else None  # noqa: E731
+        return cls(weight=QuantSpec.from_dict(d["weight"]), activation=spec(d["activation"]),
+                   modulation=spec(d["modulation"]), quantize_convs=d["quantize_convs"],
+                   include=tuple(d["include"]), exclude=tuple(d["exclude"]), name=d["name"],
+                   needs_calibration=d["needs_calibration"])
+
+
+@dataclass(frozen=True)
+class _Preset:
+    config: QuantConfig
+    description: str
+
+
+_PRESETS: dict[str, _Preset] = {}
+
+
+def register_preset(name: str, config: QuantConfig, description: str) -> None:
+    """Register a named preset (names are unique)."""
+    if name in _PRESETS:
+        raise ConfigError(f"preset {name!r} is already registered")
+    _PRESETS[name] = _Preset(replace(config, name=name), description)
+
+
+def get_preset(name: str) -> QuantConfig:
+    """The config of a preset; a clear error listing the valid names otherwise."""
+    try:
+        return _PRESETS[name].config
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(_PRESETS))}") from None
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name → one-line description."""
+    return {name: p.description for name, p in sorted(_PRESETS.items())}
+
+
+def resolve_config(config: str | QuantConfig) -> QuantConfig:
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, str):
+        return get_preset(config)
+    raise ConfigError(f"config must be a preset name or a dmq.QuantConfig, got {type(config).__name__}")
+
+
+_INT8_CH = QuantSpec("int8", "channel")
+_INT8_TOK = QuantSpec("int8", "token")
+_INT4_G64 = QuantSpec("int4", "group", 64)
+_INT4_G128 = QuantSpec("int4", "group", 128)
+_FP8_CH = QuantSpec("fp8_e4m3", "channel")
+_FP8_TOK = QuantSpec("fp8_e4m3", "token")
+
+register_preset("w8a8", QuantConfig(_INT8_CH, _INT8_TOK, modulation=_INT8_CH),
+                "int8 weights per output channel, int8 activations per token (dynamic)")
+register_preset("w4a8", QuantConfig(_INT4_G128, _INT8_TOK, modulation=_INT4_G64),
+                "int4 weights in groups of 128, int8 activations per token (dynamic)")
+register_preset("w4a16", QuantConfig(_INT4_G64, None, modulation=_INT4_G64),
+                "int4 weights in groups of 64, 16-bit activations (weight-only)")
+register_preset("w4a4", QuantConfig(_INT4_G64, QuantSpec("int4", "group", 64), modulation=_INT4_G64),
+                "plain round-to-nearest int4 weights and activations, groups of 64 (activations dynamic per token)")
+register_preset("fp8", QuantConfig(_FP8_CH, _FP8_TOK, modulation=_FP8_CH),
+                "fp8 e4m3 weights per output channel, fp8 e4m3 activations per token (dynamic)")

@@ -1,0 +1,121 @@
+"""State shared by every quantized GEMM layer: the stored quantized weight, the activation quantizer, bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmq.errors import CalibrationRequiredError, NonFiniteError
+from dmq.formats import Quantized, QuantSpec, dequantize, fake_quantize, quantize, storage_nbytes
+from dmq.kernels.dispatch import find_kernel
+
+__all__ = ["QuantGemm"]
+
+
+class QuantGemm(nn.Module):
+    """Base of quantized layers whose weight is a GEMM operand viewed as ``(N, T, C)`` (see :mod:`dmq.formats`).
+
+    Buffers: ``qweight`` (codes: int8 / fp8 ``(N, T * Cp)``, or uint8 ``(N, T * Cp // 2)`` for packed 4-bit),
+    ``wscales`` (``()``, ``(N,)`` or ``(N, T * Cp // g)``), ``wzeros`` (int8, asymmetric only), ``wscale2`` (fp32
+    scalar, nvfp4 only), ``input_scale`` (fp32 scalar, static activations only; NaN until calibrated). ``bias`` stays
+    a 16-bit parameter. Subclasses provide ``_gemm(x, w)`` (the float op on dequantized operands), the shapes and the
+    channel dim of their input.
+    """
+
+    act_channel_dim: int = -1
+
+    def __init__(self, out_features: int, taps: int, channels: int, weight_spec: QuantSpec,
+                 act_spec: QuantSpec | None, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.taps, self.channels = out_features, taps, channels
+        self.weight_spec, self.act_spec = weight_spec, act_spec
+        self.compute_dtype = compute_dtype
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        if act_spec is not None and not act_spec.dynamic:
+            self.register_buffer("input_scale", torch.full((), float("nan")))
+        else:
+            self.input_scale = None
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+    def _set_weight(self, w3: torch.Tensor, name: str) -> None:
+        """Quantize and store an ``(N, T, C)`` float weight."""
+        if w3.device.type != "meta" and not torch.isfinite(w3).all():
+            raise NonFiniteError(f"{name}: the weight contains NaN or Inf; dmq will not quantize it")
+        q = quantize(w3, self.weight_spec)
+        n = w3.shape[0]
+        self.register_buffer("qweight", q.codes.reshape(n, -1).contiguous())
+        self.register_buffer("wscales", q.scales.contiguous())
+        for key, val in (("wzeros", q.zeros), ("wscale2", q.global_scale)):
+            if val is not None:
+                self.register_buffer(key, val.contiguous())
+            else:
+                setattr(self, key, None)
+
+    def quantized_weight(self) -> Quantized:
+        n, t = self.out_features, self.taps
+        return Quantized(self.qweight.reshape(n, t, -1), self.wscales, self.wzeros, self.wscale2)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 ``(N, T, C)``: what the quantized weight stands for."""
+        return dequantize(self.quantized_weight(), self.weight_spec, self.channels)
+
+    # -- activations -----------------------------------------------------------------------------------------------
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize the input activation (same shape and dtype) as the activation spec says."""
+        if self.act_spec is None:
+            return x
+        scale = None
+        if self.input_scale is not None:
+            if torch.isnan(self.input_scale):
+                raise CalibrationRequiredError(
+                    f"{type(self).__name__} has a static activation quantizer that was never calibrated; "
+                    "pass calibration data to dmq.quantize_pipeline")
+            scale = self.input_scale
+        return fake_quantize(x, self.act_spec, scale, channel_dim=self.act_channel_dim)
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = find_kernel(self, x)
+        if kernel is not None:
+            return kernel(self, x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure PyTorch: fake-quantized input times the dequantized weight, in the input's dtype."""
+        w = self.dequantized_weight().to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return self._gemm(self.quantize_input(x), w, bias)
+
+    def _gemm(self, x: torch.Tensor, w3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes this layer stores: codes + scales (+ zeros) + bias (+ static input scale)."""
+        total = storage_nbytes(self.weight_spec, self.out_features, self.taps, self.channels)
+        if self.bias is not None:
+            total += self.bias.numel() * self.bias.element_size()
+        if self.input_scale is not None:
+            total += 4
+        return total
+
+    def layer_spec(self) -> dict[str, Any]:
+        """JSON-able description from which :meth:`from_layer_spec` rebuilds an empty layer of the same shapes."""
+        return {
+            "type": type(self).__name__,
+            "weight": self.weight_spec.to_dict(),
+            "activation": self.act_spec.to_dict() if self.act_spec else None,
+            "bias": self.bias is not None,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            **self._shape_spec(),
+        }
+
+    def _shape_spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        act = self.act_spec.describe() if self.act_spec else "16-bit"
+        return f"out={self.out_features}, taps={self.taps}, in={self.channels}, w={self.weight_spec.describe()}, " \
+               f"a={act}"

@@ -1,0 +1,77 @@
+"""``QuantConv2d``: a quantized drop-in for ``nn.Conv2d`` (groups=1, zero padding)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmq.errors import UnsupportedModuleError
+from dmq.formats import QuantSpec
+from dmq.nn.base import QuantGemm
+
+__all__ = ["QuantConv2d"]
+
+
+class QuantConv2d(QuantGemm):
+    """A convolution as a GEMM over ``K = (kh, kw, Cin)``: x ``(B, Cin, H, W)`` → ``(B, Cout, H', W')``.
+
+    The weight ``(Cout, Cin, kh, kw)`` is stored as ``(Cout, kh * kw, Cin)`` codes: weight groups run along Cin
+    within one kernel tap; activation groups run along channels within one input pixel.
+    """
+
+    act_channel_dim = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                 weight_spec: QuantSpec, act_spec: QuantSpec | None, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype) -> None:
+        kh, kw = kernel_size
+        super().__init__(out_channels, kh * kw, in_channels, weight_spec, act_spec, bias, compute_dtype)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+
+    @classmethod
+    def from_module(cls, module: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
+                    name: str = "") -> "QuantConv2d":
+        """Quantize an ``nn.Conv2d``; grouped convs and non-zero padding modes raise UnsupportedModuleError."""
+        label = name or "conv"
+        if not isinstance(module, nn.Conv2d):
+            raise UnsupportedModuleError(f"{label}: QuantConv2d wraps nn.Conv2d, got {type(module).__name__}")
+        if module.groups != 1:
+            raise UnsupportedModuleError(f"{label}: grouped convolutions (groups={module.groups}) are not supported")
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise UnsupportedModuleError(f"{label}: only explicit zero padding is supported "
+                                         f"(padding={module.padding!r}, padding_mode={module.padding_mode!r})")
+        w = module.weight.detach()
+        cout, cin, kh, kw = w.shape
+        layer = cls(cin, cout, (kh, kw), module.stride, module.padding, module.dilation, weight_spec, act_spec,
+                    module.bias, w.dtype)
+        layer._set_weight(w.permute(0, 2, 3, 1).reshape(cout, kh * kw, cin), label)
+        return layer.to(w.device)
+
+    @classmethod
+    def from_layer_spec(cls, spec: dict[str, Any]) -> "QuantConv2d":
+        """An empty layer (buffers on the meta device) matching a saved :meth:`layer_spec`."""
+        dtype = getattr(torch, spec["compute_dtype"])
+        kh, kw = spec["kernel_size"]
+        with torch.device("meta"):
+            bias = torch.empty(spec["out_channels"], dtype=dtype) if spec["bias"] else None
+            layer = cls(spec["in_channels"], spec["out_channels"], (kh, kw), spec["stride"], spec["padding"],
+                        spec["dilation"], QuantSpec.from_dict(spec["weight"]),
+                        QuantSpec.from_dict(spec["activation"]) if spec["activation"] else None, bias, dtype)
+            layer._set_weight(torch.empty(spec["out_channels"], kh * kw, spec["in_channels"]), "")
+        return layer
+
+    def _shape_spec(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation)}
+
+    def _gemm(self, x: torch.Tensor, w3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        w = w3.reshape(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)

@@ -1,0 +1,56 @@
+"""``QuantLinear``: a quantized drop-in for ``nn.Linear``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmq.errors import UnsupportedModuleError
+from dmq.formats import QuantSpec
+from dmq.nn.base import QuantGemm
+
+__all__ = ["QuantLinear"]
+
+
+class QuantLinear(QuantGemm):
+    """``y = Q(x) · Q(W)ᵀ + b`` for x ``(..., in_features)`` → y ``(..., out_features)`` in x's dtype.
+
+    The weight ``(out_features, in_features)`` is stored quantized (see :class:`~dmq.nn.base.QuantGemm` for the
+    buffers); input groups run along ``in_features``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight_spec: QuantSpec, act_spec: QuantSpec | None,
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        super().__init__(out_features, 1, in_features, weight_spec, act_spec, bias, compute_dtype)
+        self.in_features = in_features
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
+                    name: str = "") -> "QuantLinear":
+        """Quantize an ``nn.Linear`` (or subclass). ``name`` is used in error messages."""
+        if not isinstance(module, nn.Linear):
+            raise UnsupportedModuleError(f"{name or module}: QuantLinear wraps nn.Linear, got {type(module).__name__}")
+        w = module.weight.detach()
+        layer = cls(module.in_features, module.out_features, weight_spec, act_spec, module.bias, w.dtype)
+        layer._set_weight(w.reshape(module.out_features, 1, module.in_features), name or "linear")
+        return layer.to(w.device)
+
+    @classmethod
+    def from_layer_spec(cls, spec: dict[str, Any]) -> "QuantLinear":
+        """An empty layer (buffers on the meta device) matching a saved :meth:`layer_spec`."""
+        dtype = getattr(torch, spec["compute_dtype"])
+        with torch.device("meta"):
+            bias = torch.empty(spec["out_features"], dtype=dtype) if spec["bias"] else None
+            layer = cls(spec["in_features"], spec["out_features"], QuantSpec.from_dict(spec["weight"]),
+                        QuantSpec.from_dict(spec["activation"]) if spec["activation"] else None, bias, dtype)
+            layer._set_weight(torch.empty(spec["out_features"], 1, spec["in_features"]), "")
+        return layer
+
+    def _shape_spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    def _gemm(self, x: torch.Tensor, w3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w3.reshape(self.out_features, self.in_features), bias)

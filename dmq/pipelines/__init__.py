@@ -1,0 +1,1 @@
+"""Role views per architecture and ``quantize_pipeline``."""

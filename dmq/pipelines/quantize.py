@@ -1,0 +1,180 @@
+"""``quantize_pipeline``: swap the GEMM leaf modules of a pipeline's denoiser for quantized ones.
+
+The work is planned and every replacement is built before the first swap, so any error (bad config, NaN weight,
+unsupported targeted module) leaves the pipeline exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dmq.config import QuantConfig, resolve_config
+from dmq.errors import CalibrationRequiredError, ConfigError, UnsupportedModuleError, UnsupportedPipelineError
+from dmq.formats import QuantSpec
+from dmq.nn import QuantGemm, quantize_module, why_unsupported
+from dmq.pipelines.roles import ArchRoles, matches_any, roles_for
+from dmq.report import LayerEntry, QuantReport
+
+__all__ = ["quantize_pipeline", "quantize_model", "prepare_model", "commit_model", "denoiser_name", "plan_model",
+           "LayerPlan", "DMQ_CONFIG_ATTR"]
+
+logger = logging.getLogger(__name__)
+
+#: attribute set on every quantized component: the QuantConfig it was quantized with
+DMQ_CONFIG_ATTR = "_dmq_config"
+_GEMM_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one GEMM-like leaf: action ``quantized`` / ``weight-only`` / ``kept``."""
+
+    name: str
+    module: nn.Module
+    action: str
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    reason: str = ""
+
+
+def denoiser_name(pipe: Any) -> str:
+    """``"unet"`` or ``"transformer"``: the attribute holding the pipeline's denoiser."""
+    for attr in ("transformer", "unet"):
+        if isinstance(getattr(pipe, attr, None), nn.Module):
+            return attr
+    raise UnsupportedPipelineError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer` component; "
+                                   "dmq quantizes diffusion pipelines through their denoiser")
+
+
+def _fp_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+
+def plan_model(model: nn.Module, roles: ArchRoles, config: QuantConfig) -> list[LayerPlan]:
+    """Decide, for every GEMM-like leaf of ``model``, whether and how it is quantized.
+
+    Raises UnsupportedModuleError when an ``include`` pattern targets a module dmq cannot quantize, and ConfigError
+    when an include/exclude pattern matches no GEMM layer (a typo would otherwise be silently ignored).
+    """
+    plans = []
+    used = {p: False for p in config.include + config.exclude}
+    for name, module in model.named_modules():
+        if not isinstance(module, _GEMM_TYPES):
+            continue
+        for p in used:
+            used[p] = used[p] or matches_any(name, (p,))
+        forced = matches_any(name, config.include)
+        role, reason = roles.role_of(name)
+        unsupported = why_unsupported(module)
+        if matches_any(name, config.exclude):
+            plans.append(LayerPlan(name, module, "kept", reason="excluded by the config's exclude patterns"))
+        elif config.include and not forced:
+            plans.append(LayerPlan(name, module, "kept", reason="not matched by the config's include patterns"))
+        elif unsupported is not None:
+            if forced:
+                raise UnsupportedModuleError(f"{name}: targeted by include patterns {config.include} but "
+                                             f"{unsupported}")
+            plans.append(LayerPlan(name, module, "kept", reason=unsupported))
+        elif isinstance(module, nn.Conv2d) and not config.quantize_convs and not forced:
+            plans.append(LayerPlan(name, module, "kept", reason="convolutions are not quantized by this config"))
+        elif role == "keep" and not forced:
+            plans.append(LayerPlan(name, module, "kept", reason=reason))
+        elif role == "modulation" and not forced:
+            if config.modulation is None:
+                plans.append(LayerPlan(name, module, "kept", reason="modulation (adaLN) kept 16-bit by the config"))
+            else:
+                plans.append(LayerPlan(name, module, "weight-only", config.modulation, None))
+        else:
+            action = "quantized" if config.activation is not None else "weight-only"
+            plans.append(LayerPlan(name, module, action, config.weight, config.activation))
+    unused = [p for p, hit in used.items() if not hit]
+    if unused:
+        raise ConfigError(f"pattern(s) {unused} match no Linear/Conv layer of {type(model).__name__}")
+    return plans
+
+
+def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, component: str = "model",
+                  progress: bool = True) -> tuple[list[LayerEntry], dict[str, QuantGemm]]:
+    """Build (without swapping) the quantized layers of one model: its report entries and ``{name: new layer}``."""
+    if any(isinstance(m, QuantGemm) for m in model.modules()):
+        raise ConfigError(f"{component} is already quantized by dmq; start from the floating-point model")
+    plans = plan_model(model, roles, config)
+    for p in plans:
+        if p.action != "kept" and hasattr(p.module, "_hf_hook"):
+            raise UnsupportedModuleError(
+                f"{p.name} carries an accelerate hook (sequential CPU offload?): call dmq.quantize_pipeline before "
+                "enable_sequential_cpu_offload / device_map dispatch")
+    todo = [p for p in plans if p.action != "kept"]
+    built: dict[str, QuantGemm] = {}
+    with torch.no_grad():
+        for p in tqdm(todo, desc=f"quantizing {component}", disable=not progress, leave=False):
+            built[p.name] = quantize_module(p.module, p.weight, p.activation, name=f"{component}.{p.name}")
+    entries = []
+    for p in plans:
+        fp = _fp_bytes(p.module)
+        if p.action == "kept":
+            entries.append(LayerEntry(component, p.name, type(p.module).__name__, "kept", "16-bit", p.reason, fp, fp))
+            continue
+        fmt = p.weight.describe() + (f" / {p.activation.describe()}" if p.activation else " / 16-bit act")
+        entries.append(LayerEntry(component, p.name, type(p.module).__name__, p.action, fmt, "", fp,
+                                  built[p.name].nbytes()))
+    return entries, built
+
+
+def commit_model(model: nn.Module, built: dict[str, QuantGemm], config: QuantConfig) -> None:
+    """Swap the built layers into ``model`` and mark it as quantized with ``config``."""
+    for name, new in built.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    setattr(model, DMQ_CONFIG_ATTR, config)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, component: str = "model",
+                   progress: bool = True) -> list[LayerEntry]:
+    """Quantize one model in place; returns its report entries. Nothing is swapped unless every layer built."""
+    entries, built = prepare_model(model, config, roles, component, progress)
+    commit_model(model, built, config)
+    logger.info("dmq: %s — %d layers quantized, %d kept", component, len(built), len(entries) - len(built))
+    return entries
+
+
+def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = None, *,
+                      components: list[str] | None = None, progress: bool = True) -> Any:
+    """Quantize a diffusers pipeline in place and return it, with ``pipe.dmq_report`` attached.
+
+    ``config``: a preset name (see :func:`dmq.list_presets`) or a :class:`dmq.QuantConfig`. ``components``:
+    attribute names to quantize (default: the denoiser, ``unet`` or ``transformer``); other components get a
+    generic role view (every Linear/Conv2d). On any error the pipeline is left unchanged.
+    """
+    cfg = resolve_config(config)
+    if cfg.needs_calibration and calibration is None:
+        raise CalibrationRequiredError(f"preset {cfg.name!r} needs calibration data: pass "
+                                       "calibration=dmq.CalibrationConfig(...)")
+    if calibration is not None and not cfg.needs_calibration:
+        raise ConfigError(f"preset {cfg.name!r} quantizes activations dynamically and takes no calibration data")
+    main = denoiser_name(pipe)
+    names = list(components) if components else [main]
+    models = {}
+    for name in names:
+        model = getattr(pipe, name, None)
+        if not isinstance(model, nn.Module):
+            raise UnsupportedPipelineError(f"{type(pipe).__name__} has no model component {name!r}")
+        models[name] = model
+    roles = {name: roles_for(m) if name == main else ArchRoles("generic") for name, m in models.items()}
+    report = QuantReport(config=cfg.to_dict())
+    prepared = {}
+    for name, model in models.items():  # build everything before the first swap
+        entries, built = prepare_model(model, cfg, roles[name], name, progress)
+        report.entries.extend(entries)
+        prepared[name] = built
+    for name, built in prepared.items():
+        commit_model(models[name], built, cfg)
+    pipe.dmq_report = report
+    logger.info("%s", report)
+    return pipe

@@ -1,0 +1,206 @@
+"""Saving and loading quantized pipelines: one directory per quantized component in diffusers' layout.
+
+``out/dmq_index.json`` names the pipeline class, the quantized components and the report; ``out/<component>/``
+holds ``config.json`` (the model's own config plus a ``quantization_config``: dmq version, QuantConfig, per-layer
+specs and a fingerprint of the base weights) and ``diffusion_pytorch_model.safetensors`` (quantized codes and scales
+and the kept 16-bit tensors). The write is atomic (temporary directory, then rename); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dmq.config import QuantConfig
+from dmq.errors import CheckpointMismatchError, ConfigError, DmqError
+from dmq.nn import LAYER_TYPES, QuantGemm
+from dmq.pipelines.quantize import DMQ_CONFIG_ATTR
+from dmq.report import LayerEntry, QuantReport
+
+__all__ = ["save_quantized", "load_quantized", "base_fingerprint", "quantized_components", "INDEX_FILE",
+           "WEIGHTS_NAME", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "dmq_index.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def quantized_components(pipe: Any) -> dict[str, nn.Module]:
+    """The pipeline's components that dmq quantized, by attribute name."""
+    comps = getattr(pipe, "components", None) or {}
+    return {name: m for name, m in comps.items() if isinstance(m, nn.Module) and hasattr(m, DMQ_CONFIG_ATTR)}
+
+
+def _quant_layers(model: nn.Module) -> dict[str, QuantGemm]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantGemm)}
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    """The model's own config as JSON-normal data (tuples become lists), private keys dropped."""
+    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "quantization_config"}
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def base_fingerprint(model: nn.Module, quantized: set[str]) -> str:
+    """sha256 over the name, dtype, shape and bytes of every state-dict tensor that does not belong to a quantized
+    layer (``quantized``: module names): the weights that stay 16-bit identify the base model, a fine-tune too."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        if key.rpartition(".")[0] in quantized:
+            continue
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_component(model: nn.Module, out: Path) -> None:
+    from dmq import __version__
+
+    layers = _quant_layers(model)
+    out.mkdir()
+    # the fingerprint is taken over the kept tensors, which are identical before and after quantization
+    qconfig = {
+        "quant_method": "dmq",
+        "dmq_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "config": getattr(model, DMQ_CONFIG_ATTR).to_dict(),
+        "layers": {name: layer.layer_spec() for name, layer in layers.items()},
+        "fingerprint": base_fingerprint(model, set(layers)),
+    }
+    config = {"_class_name": type(model).__name__, **_config_dict(model), "quantization_config": qconfig}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "quant_method": "dmq"})
+
+
+def save_quantized(pipe: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save the quantized components of ``pipe`` under ``path`` (atomically) and return the path."""
+    from dmq import __version__
+
+    comps = quantized_components(pipe)
+    if not comps:
+        raise DmqError("this pipeline has no dmq-quantized component; call dmq.quantize_pipeline first")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        for name, model in comps.items():
+            _write_component(model, tmp / name)
+        report = getattr(pipe, "dmq_report", None)
+        index = {"format_version": FORMAT_VERSION, "dmq_version": __version__,
+                 "pipeline_class": type(pipe).__name__, "components": sorted(comps),
+                 "report": report.to_dict() if report is not None else None}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    logger.info("dmq: saved %s to %s", sorted(comps), path)
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointMismatchError(f"{path} is missing: not a dmq checkpoint directory") from None
+
+
+def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[str, QuantGemm], dict, QuantConfig]:
+    """Check that a saved component fits ``model`` and load its tensors; the model is not changed."""
+    saved = _read_json(cdir / "config.json")
+    qc = saved.get("quantization_config") or {}
+    if qc.get("quant_method") != "dmq":
+        raise CheckpointMismatchError(f"{cdir / 'config.json'} has no dmq quantization_config")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{name}: checkpoint format {qc.get('format_version')} is not supported "
+                                      f"(this dmq reads format {FORMAT_VERSION})")
+    if saved["_class_name"] != type(model).__name__:
+        raise CheckpointMismatchError(f"{name}: checkpoint is for a {saved['_class_name']}, the pipeline has a "
+                                      f"{type(model).__name__}")
+    saved_cfg = {k: v for k, v in saved.items() if not k.startswith("_") and k != "quantization_config"}
+    fresh_cfg = _config_dict(model)
+    diff = sorted(k for k in set(saved_cfg) | set(fresh_cfg) if saved_cfg.get(k) != fresh_cfg.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: saved {saved_cfg.get(k)!r} vs model {fresh_cfg.get(k)!r}" for k in diff[:5])
+        raise CheckpointMismatchError(f"{name}: checkpoint was made for another {type(model).__name__} config "
+                                      f"({shown})")
+    if any(isinstance(m, QuantGemm) for m in model.modules()):
+        raise ConfigError(f"{name} is already quantized; load into a fresh floating-point pipeline")
+    layers = qc["layers"]
+    if base_fingerprint(model, set(layers)) != qc["fingerprint"]:
+        raise CheckpointMismatchError(
+            f"{name}: the pipeline's weights are not the ones this checkpoint was quantized from (fingerprint of the "
+            "16-bit weights differs: another fine-tune, or another dtype?)")
+    shells = {}
+    device = next(model.parameters()).device
+    for lname, spec in layers.items():
+        if spec["type"] not in LAYER_TYPES:
+            raise CheckpointMismatchError(f"{name}.{lname}: unknown layer type {spec['type']!r}")
+        # materialised (not assigned from the file) so every tensor gets torch's own aligned allocation: CPU BLAS
+        # kernels can pick another summation order for a misaligned mmap-ed tensor
+        shells[lname] = LAYER_TYPES[spec["type"]].from_layer_spec(spec).to_empty(device=device)
+    state = load_file(str(cdir / WEIGHTS_NAME), device=str(device))
+    expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in layers}
+    expected |= {f"{lname}.{k}" for lname, shell in shells.items() for k in shell.state_dict()}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
+        raise CheckpointMismatchError(f"{name}: checkpoint tensors do not match the model (missing {missing}, "
+                                      f"unexpected {extra})")
+    return shells, state, QuantConfig.from_dict(qc["config"])
+
+
+def load_quantized(path: str | os.PathLike, pipe: Any) -> Any:
+    """Load a checkpoint written by :func:`save_quantized` into a fresh floating-point pipeline of the same model.
+
+    Checks the pipeline class, each component's class and config, and the fingerprint of the base weights
+    (CheckpointMismatchError otherwise); on any error the pipeline is unchanged. Returns ``pipe``.
+    """
+    path = Path(path)
+    index = _read_json(path / INDEX_FILE)
+    if index.get("format_version") != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{path}: dmq checkpoint format {index.get('format_version')} is not "
+                                      f"supported (this dmq reads format {FORMAT_VERSION})")
+    if index["pipeline_class"] != type(pipe).__name__:
+        raise CheckpointMismatchError(f"{path} was saved from a {index['pipeline_class']}, not a "
+                                      f"{type(pipe).__name__}")
+    prepared = {}
+    for name in index["components"]:
+        model = getattr(pipe, name, None)
+        if not isinstance(model, nn.Module):
+            raise CheckpointMismatchError(f"the pipeline has no component {name!r} to load into")
+        prepared[name] = (model, *_prepare_component(model, name, path / name))
+    for name, (model, shells, state, config) in prepared.items():
+        for lname, shell in shells.items():
+            parent, _, child = lname.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, shell)
+        model.load_state_dict(state, strict=True)
+        setattr(model, DMQ_CONFIG_ATTR, config)
+    rep = index.get("report")
+    if rep is not None:
+        pipe.dmq_report = QuantReport(rep["config"], [LayerEntry(**e) for e in rep["entries"]], rep["notes"])
+    logger.info("dmq: loaded %s from %s", sorted(prepared), path)
+    return pipe
