@@ -1,0 +1,42 @@
+"""Every committed benchmarks/results/*.json follows the schema of ../shared/DESIGN.md."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from common import validate  # noqa: E402
+
+RESULTS = sorted((BENCH / "results").glob("*.json"))
+
+
+def test_there_are_results():
+    assert RESULTS, "benchmarks/results/ holds no results"
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
+def test_results_follow_schema(path):
+    doc = json.loads(path.read_text())
+    validate(doc)
+    assert doc["command"].startswith("python benchmarks/"), "the command must be rerunnable from the repo root"
+
+
+def test_validate_rejects_bad_documents():
+    good = {"device": "cpu", "versions": {"torch": "x", "triton": None, "diffusers": "y", "dmq": "z"},
+            "command": "python benchmarks/x.py", "rows": [{"case": "a", "variant": "b", "ms": 1.0}]}
+    validate(good)
+    for bad in ({**good, "rows": []}, {**good, "rows": [{"case": "a"}]}, {k: good[k] for k in list(good)[:3]},
+                {**good, "rows": [{"case": "a", "variant": "b", "nested": {"x": 1}}]}):
+        with pytest.raises(ValueError):
+            validate(bad)
+
+
+def test_memory_results_meet_the_flux_target():
+    doc = json.loads((BENCH / "results" / "memory.json").read_text())
+    rows = {(r["case"], r["variant"]): r for r in doc["rows"]}
+    for preset in ("w4a4", "w4a8", "w4a16"):
+        assert rows[("flux-dev", preset)]["ratio_vs_fp16"] <= 0.30
