@@ -13,7 +13,7 @@ low nibble, ``2i + 1`` in the high nibble).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -113,6 +113,19 @@ class QuantSpec:
         if self.dtype == "nvfp4":
             return torch.float8_e4m3fn
         return torch.float16 if self.granularity == "group" else torch.float32
+
+    def fitted(self, channels: int) -> "QuantSpec":
+        """This spec for a tensor of ``channels`` channels: a group size that does not divide ``channels`` is
+        lowered to the largest power of two ≥ 16 that does (finer, never coarser), so that K needs no padding;
+        when none divides it, the group size is kept and K is zero-padded."""
+        if self.granularity != "group" or channels % self.group_size == 0 or self.dtype == "nvfp4":
+            return self
+        g = self.group_size // 2
+        while g >= 16:
+            if channels % g == 0:
+                return replace(self, group_size=g)
+            g //= 2
+        return self
 
     def describe(self) -> str:
         """Short human-readable name, e.g. ``int4 g64`` or ``int8 per-token``."""

@@ -159,3 +159,12 @@ def test_qtypes_are_consistent():
     for qt in QTYPES.values():
         assert qt.packed == (qt.bits == 4)
         assert qt.qmin < 0 < qt.qmax
+
+
+def test_group_size_fits_the_channel_count():
+    g128 = QuantSpec("int4", "group", 128)
+    assert g128.fitted(256) is g128
+    assert g128.fitted(192).group_size == 64 and g128.fitted(320).group_size == 64
+    assert g128.fitted(48).group_size == 16
+    assert g128.fitted(40) is g128  # no power of two ≥ 16 divides 40: keep 128 and zero-pad
+    assert QuantSpec("int8", "channel").fitted(7).granularity == "channel"

@@ -114,16 +114,18 @@ def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, compo
     built: dict[str, QuantGemm] = {}
     with torch.no_grad():
         for p in tqdm(todo, desc=f"quantizing {component}", disable=not progress, leave=False):
-            built[p.name] = quantize_module(p.module, p.weight, p.activation, name=f"{component}.{p.name}")
+            channels = p.module.in_features if isinstance(p.module, nn.Linear) else p.module.in_channels
+            act = p.activation.fitted(channels) if p.activation is not None else None
+            built[p.name] = quantize_module(p.module, p.weight.fitted(channels), act, name=f"{component}.{p.name}")
     entries = []
     for p in plans:
         fp = _fp_bytes(p.module)
         if p.action == "kept":
             entries.append(LayerEntry(component, p.name, type(p.module).__name__, "kept", "16-bit", p.reason, fp, fp))
             continue
-        fmt = p.weight.describe() + (f" / {p.activation.describe()}" if p.activation else " / 16-bit act")
-        entries.append(LayerEntry(component, p.name, type(p.module).__name__, p.action, fmt, "", fp,
-                                  built[p.name].nbytes()))
+        layer = built[p.name]
+        fmt = layer.weight_spec.describe() + (f" / {layer.act_spec.describe()}" if layer.act_spec else " / 16-bit act")
+        entries.append(LayerEntry(component, p.name, type(p.module).__name__, p.action, fmt, "", fp, layer.nbytes()))
     return entries, built
 
 
