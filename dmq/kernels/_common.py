@@ -1,0 +1,112 @@
+"""Helpers shared by the Triton kernels: interpreter detection, M buckets, input checks and small @triton.jit
+routines (exact rounding and fp8 / fp4 encoders written with integer operations, so that they compute the same bits
+on a GPU and in Triton's CPU interpreter, where in-kernel casts to fp8 / bf16 are miscomputed)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: the references work without it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "interpreting", "next_pow2", "m_bucket", "check", "FLOAT16", "tl_dtype", "bench_fn"]
+
+FLOAT16 = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (CPU tests): autotuning is bypassed and a fixed small config is used."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the token count: the next power of two, capped at 8192 (a raw M would re-tune on every new
+    sequence length)."""
+    return min(next_pow2(m), 8192)
+
+
+def check(cond: bool, msg: str) -> None:
+    """Input validation that survives ``python -O`` (unlike assert)."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def bench_fn(fn, quantiles):
+    """Short timing for the autotuner (the default 25 ms warm-up / 100 ms per config adds minutes over many keys)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+if HAS_TRITON:
+    _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+    def tl_dtype(dtype: torch.dtype):
+        return _TL[dtype]
+
+    @triton.jit
+    def rint_small(y):
+        """Round fp32 to the nearest integer, ties to even, for |y| < 2**22 (the magic-number trick: adding
+        1.5 * 2**23 leaves no fraction bits, and IEEE addition rounds half to even)."""
+        return (y + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def encode_e4m3(y):
+        """fp32 values already clamped to [-448, 448] → fp8 e4m3fn bit patterns (int32 in [0, 255]), rounded to
+        nearest with ties to even, subnormals included; the same bits as ``y.to(torch.float8_e4m3fn)``."""
+        bits = y.to(tl.int32, bitcast=True)
+        sign = (bits >> 24) & 0x80
+        a = tl.abs(y)
+        abits = a.to(tl.int32, bitcast=True)
+        normal = ((abits + 0x7FFFF + ((abits >> 20) & 1)) >> 20) - (120 << 3)
+        sub = rint_small(a * 512.0).to(tl.int32)
+        code = tl.where(a < 0.015625, sub, normal)
+        return code | sign
+
+    @triton.jit
+    def decode_e4m3(code):
+        """fp8 e4m3fn bit patterns (int32 in [0, 255]) → fp32 (finite codes only)."""
+        mag = code & 0x7F
+        e = mag >> 3
+        m = (mag & 7).to(tl.float32)
+        sub = m * 0.001953125
+        nbits = ((e + 120) << 23) | ((mag & 7) << 20)
+        normal = nbits.to(tl.float32, bitcast=True)
+        v = tl.where(e == 0, sub, normal)
+        return tl.where((code & 0x80) != 0, -v, v)
+
+    @triton.jit
+    def encode_e2m1(y):
+        """fp32 values (already divided by their scale) → fp4 e2m1 nibbles (int32 in [0, 15]); the same rounding
+        as :func:`dmq.formats.fp4_encode` (nearest, ties to the even code, saturating at ±6, no negative zero)."""
+        a = tl.abs(y)
+        mag = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) \
+            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) \
+            + (a > 5.0).to(tl.int32)
+        sign = (y < 0).to(tl.int32) << 3
+        return tl.where(mag == 0, 0, sign | mag)
+
+    @triton.jit
+    def decode_e2m1(nib):
+        """fp4 e2m1 nibbles (int32 in [0, 15]) → fp32, with integer operations only."""
+        mag = nib & 7
+        e = mag >> 1
+        m = (mag & 1).to(tl.float32)
+        # e == 0: 0 or 0.5; e >= 1: 2**(e-1) * (1 + m/2)
+        pow2 = (1 << tl.maximum(e - 1, 0)).to(tl.float32)
+        v = tl.where(e == 0, m * 0.5, pow2 * (1.0 + 0.5 * m))
+        return tl.where((nib & 8) != 0, -v, v)
+else:  # pragma: no cover
+    def tl_dtype(dtype):
+        raise RuntimeError("triton is not installed")

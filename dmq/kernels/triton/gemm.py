@@ -1,0 +1,198 @@
+"""Integer GEMM (int8 tensor cores) on int8 activation codes and int8 or blocked-int4 weight codes, with per-row /
+per-column scales in the epilogue or per-group scales in the K loop, and ``lowrank · proj_up + bias`` fused into
+the epilogue. Serves w8a8, w4a8 and w4a4 (int4 values are held in int8 on the activation side: Hopper has no int4
+MMA, and the activation bytes are a few per cent of the GEMM's time). Reference: :mod:`dmq.kernels.reference.gemm`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dmq.kernels._common import FLOAT16, bench_fn, check, interpreting, m_bucket, next_pow2
+from dmq.kernels.layouts import blocked_kb
+
+__all__ = ["gemm_int"]
+
+
+def _cfg(bm, bn, bkh, warps, stages):
+    return triton.Config({"BM": bm, "BN": bn, "BKH": bkh, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+# int8 weights: K step 2 * BKH (two K-halves per iteration; BKH=128 only where the group sizes allow it)
+_INT8_CONFIGS = [_cfg(128, 256, 64, 8, 4), _cfg(128, 256, 128, 8, 2), _cfg(128, 128, 128, 4, 3),
+                 _cfg(256, 128, 64, 8, 4), _cfg(64, 128, 128, 4, 4)]
+_INT8_CONFIGS_64 = [c for c in _INT8_CONFIGS if c.kwargs["BKH"] == 64] + [_cfg(128, 128, 64, 4, 4),
+                                                                         _cfg(64, 128, 64, 4, 4)]
+# blocked int4 weights: the K-half is fixed by the layout (64 codes)
+_INT4_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 3),
+                 _cfg(64, 128, 64, 4, 4), _cfg(256, 128, 64, 8, 3)]
+_KEY = ["M_BUCKET", "N", "K", "R"]
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
+                 M, N, K, KW, R, M_BUCKET, GA, GW,
+                 stride_am, stride_asm, stride_wn, stride_wsn, stride_lm, stride_ur, stride_om,
+                 W_INT4: tl.constexpr, A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_LR: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, BR: tl.constexpr, EVEN_K: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+
+    om = pid_m * BM + tl.arange(0, BM)
+    on = pid_n * BN + tl.arange(0, BN)
+    rm = om % M                      # wrapped rows/cols: loads need no M/N mask, stores are masked
+    rn = on % N
+    rk = tl.arange(0, BKH)
+    a_rows = a_ptr + rm[:, None] * stride_am
+    w_rows = w_ptr + rn[:, None] * stride_wn
+
+    if GROUPED:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K, 2 * BKH):
+        k_lo = k0 + rk
+        k_hi = k0 + BKH + rk
+        if EVEN_K:
+            a_lo = tl.load(a_rows + k_lo[None, :])
+            a_hi = tl.load(a_rows + k_hi[None, :])
+        else:
+            a_lo = tl.load(a_rows + k_lo[None, :], mask=k_lo[None, :] < K, other=0)
+            a_hi = tl.load(a_rows + k_hi[None, :], mask=k_hi[None, :] < K, other=0)
+        if W_INT4:
+            p = tl.load(w_rows + (k0 // 2 + rk)[None, :]).to(tl.int8, bitcast=True)
+            w_lo = (p << 4) >> 4
+            w_hi = p >> 4
+        else:
+            if EVEN_K:
+                w_lo = tl.load(w_rows + k_lo[None, :])
+                w_hi = tl.load(w_rows + k_hi[None, :])
+            else:
+                w_lo = tl.load(w_rows + k_lo[None, :], mask=k_lo[None, :] < KW, other=0)
+                w_hi = tl.load(w_rows + k_hi[None, :], mask=k_hi[None, :] < KW, other=0)
+        if GROUPED:
+            c_lo = tl.dot(a_lo, tl.trans(w_lo)).to(tl.float32)
+            c_hi = tl.dot(a_hi, tl.trans(w_hi)).to(tl.float32)
+            if A_GROUP:
+                sa_lo = tl.load(as_ptr + rm * stride_asm + k0 // GA).to(tl.float32)
+                sa_hi = tl.load(as_ptr + rm * stride_asm + (k0 + BKH) // GA, mask=(rm * 0 + (k0 + BKH)) < K,
+                                other=0.0).to(tl.float32)
+                c_lo = c_lo * sa_lo[:, None]
+                c_hi = c_hi * sa_hi[:, None]
+            if W_GROUP:
+                sw_lo = tl.load(ws_ptr + rn * stride_wsn + k0 // GW).to(tl.float32)
+                sw_hi = tl.load(ws_ptr + rn * stride_wsn + (k0 + BKH) // GW, mask=(rn * 0 + (k0 + BKH)) < K,
+                                other=0.0).to(tl.float32)
+                c_lo = c_lo * sw_lo[None, :]
+                c_hi = c_hi * sw_hi[None, :]
+            acc += c_lo + c_hi
+        else:
+            acc = tl.dot(a_lo, tl.trans(w_lo), acc)
+            acc = tl.dot(a_hi, tl.trans(w_hi), acc)
+
+    out = acc.to(tl.float32)
+    if not A_GROUP:
+        out = out * tl.load(as_ptr + rm * stride_asm).to(tl.float32)[:, None]
+    if not W_GROUP:
+        out = out * tl.load(ws_ptr + rn * stride_wsn).to(tl.float32)[None, :]
+    if HAS_LR:
+        rr = tl.arange(0, BR)
+        lr = tl.load(lr_ptr + rm[:, None] * stride_lm + rr[None, :], mask=rr[None, :] < R, other=0.0)
+        up = tl.load(up_ptr + rr[:, None] * stride_ur + rn[None, :], mask=rr[:, None] < R, other=0.0)
+        out = tl.dot(lr, up, out)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    tl.store(o_ptr + om[:, None] * stride_om + on[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(om[:, None] < M) & (on[None, :] < N))
+
+
+def _even_k(args):
+    return args["K"] % (2 * args["BKH"]) == 0
+
+
+_gemm_h = triton.heuristics({"EVEN_K": _even_k})(_gemm_kernel)
+_TUNED = {
+    "int8": triton.autotune(_INT8_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
+    "int8_64": triton.autotune(_INT8_CONFIGS_64, key=_KEY, do_bench=bench_fn)(_gemm_h),
+    "int4b": triton.autotune(_INT4_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
+}
+
+
+def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, w_format: str,
+             a_group: int, w_group: int, lowrank: torch.Tensor | None, proj_up: torch.Tensor | None,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton launcher; same signature as :func:`dmq.kernels.reference.gemm.gemm_int`. Group sizes must be
+    multiples of 64 (one K-half of the tile); R ≤ 256."""
+    check(a.dim() == 2 and a.dtype == torch.int8, f"a must be int8 (M, K) codes, got {a.dtype} {tuple(a.shape)}")
+    check(a.stride(1) == 1, "a must be contiguous along K")
+    check(w_format in ("int8", "int4b"), f"w_format must be 'int8' or 'int4b', got {w_format!r}")
+    check(out_dtype in FLOAT16, f"out_dtype must be float16 or bfloat16, got {out_dtype}")
+    m, k = a.shape
+    n = w.shape[0]
+    check(w.dim() == 2 and w.stride(1) == 1, "w must be a K-contiguous (N, ...) matrix")
+    if w_format == "int8":
+        check(w.dtype == torch.int8, f"int8 weights must be int8, got {w.dtype}")
+        check(w.shape[1] >= k, f"weight has {w.shape[1]} K columns, activations {k}")
+        kw = w.shape[1]
+    else:
+        check(w.dtype == torch.uint8, f"int4b weights must be uint8, got {w.dtype}")
+        check(w.shape[1] * 2 >= blocked_kb(k), f"int4b weight holds {w.shape[1] * 2} codes per row, need "
+                                               f"{blocked_kb(k)} for K={k} (see dmq.kernels.layouts)")
+        kw = w.shape[1] * 2
+    for name, g in (("a_group", a_group), ("w_group", w_group)):
+        check(g >= 0 and g % 64 == 0, f"{name} must be 0 (per row/column) or a multiple of 64 for the Triton GEMM "
+                                      f"(the K-half of a tile), got {g}; use the reference for finer groups")
+    if a_group:
+        check(a_scales.shape == (m, -(-k // a_group)), f"a_scales must be ({m}, {-(-k // a_group)}), got "
+                                                       f"{tuple(a_scales.shape)}")
+    else:
+        check(a_scales.shape == (m,), f"a_scales must be ({m},), got {tuple(a_scales.shape)}")
+    if w_group:
+        check(w_scales.dim() == 2 and w_scales.shape[0] == n and w_scales.shape[1] >= -(-k // w_group),
+              f"w_scales must be ({n}, ≥{-(-k // w_group)}), got {tuple(w_scales.shape)}")
+    else:
+        check(w_scales.shape == (n,), f"w_scales must be ({n},), got {tuple(w_scales.shape)}")
+    r = 0
+    if lowrank is not None and lowrank.shape[1] > 0:
+        r = lowrank.shape[1]
+        check(proj_up is not None and proj_up.shape == (r, n), f"proj_up must be ({r}, {n})")
+        check(lowrank.dtype == proj_up.dtype and lowrank.dtype in FLOAT16, "lowrank and proj_up must share a "
+                                                                           "16-bit dtype")
+        check(lowrank.shape[0] == m and r <= 256, f"lowrank must be ({m}, R ≤ 256), got {tuple(lowrank.shape)}")
+        lowrank = lowrank if lowrank.stride(1) == 1 else lowrank.contiguous()
+        proj_up = proj_up if proj_up.stride(1) == 1 else proj_up.contiguous()
+    if bias is not None:
+        check(bias.shape == (n,), f"bias must be ({n},), got {tuple(bias.shape)}")
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    a_scales = a_scales.contiguous()
+    w_scales = w_scales.contiguous()
+    args = (a, a_scales, w, w_scales, lowrank if r else out, proj_up if r else out,
+            bias if bias is not None else out, out, m, n, k, kw, r, m_bucket(m), a_group, w_group,
+            a.stride(0), a_scales.stride(0), w.stride(0), w_scales.stride(0),
+            lowrank.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0))
+    meta = dict(W_INT4=w_format == "int4b", A_GROUP=a_group > 0, W_GROUP=w_group > 0, HAS_LR=r > 0,
+                HAS_BIAS=bias is not None, GROUPED=bool(a_group or w_group), BR=max(16, next_pow2(r)))
+
+    def grid(c):
+        return (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]),)
+
+    if interpreting():
+        _gemm_h[grid(dict(BM=32, BN=32))](*args, **meta, BM=32, BN=32, BKH=64, GROUP_M=4)
+    elif w_format == "int4b":
+        _TUNED["int4b"][grid](*args, **meta)
+    elif (a_group % 128 == 0) and (w_group % 128 == 0):
+        _TUNED["int8"][grid](*args, **meta)
+    else:
+        _TUNED["int8_64"][grid](*args, **meta)
+    return out
