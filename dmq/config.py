@@ -22,7 +22,9 @@ class QuantConfig:
     always weight-only; ``None`` keeps them 16-bit. include / exclude: shell-style patterns over module names
     (``fnmatch``); ``include`` restricts the targets to matching names and also forces modules that dmq keeps
     16-bit by default; ``exclude`` wins over both. ``needs_calibration``: set by presets whose activation ranges
-    or methods need calibration data.
+    or methods need calibration data. rank: SVDQuant's 16-bit low-rank branch for the main layers (0 = none).
+    smooth_alpha: SmoothQuant's migration strength α; smoothing is applied when calibration data is given (it is
+    required when ``rank == 0``, where smoothing is the whole method).
     """
 
     weight: QuantSpec
@@ -33,6 +35,8 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     name: str = "custom"
     needs_calibration: bool = False
+    rank: int = 0
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.weight.granularity == "token":
@@ -45,15 +49,27 @@ class QuantConfig:
                                   "scales); use 'token', 'group' or 'tensor'")
             if not self.activation.dynamic and not self.needs_calibration:
                 raise ConfigError("static activation ranges need calibration: set needs_calibration=True")
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ConfigError(f"rank must be a non-negative integer, got {self.rank!r}")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha must lie in [0, 1], got {self.smooth_alpha}")
+        if self.smooth_alpha is not None and self.rank == 0 and not self.needs_calibration:
+            raise ConfigError("smoothing without a low-rank branch needs calibration: set needs_calibration=True")
         for attr in ("include", "exclude"):
             pats = getattr(self, attr)
             if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
                 raise ConfigError(f"{attr} must be a tuple of shell-style patterns, got {pats!r}")
             object.__setattr__(self, attr, tuple(pats))
 
+    @property
+    def accepts_calibration(self) -> bool:
+        """Whether calibration data is used (static ranges, smoothing)."""
+        return self.needs_calibration or self.smooth_alpha is not None
+
     def describe(self) -> str:
         act = self.activation.describe() if self.activation else "16-bit"
-        return f"weights {self.weight.describe()}, activations {act}"
+        extra = f", rank-{self.rank} branch" if self.rank else ""
+        return f"weights {self.weight.describe()}, activations {act}{extra}"
 
     def with_patterns(self, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> "QuantConfig":
         """A copy with more include/exclude patterns."""
@@ -70,6 +86,8 @@ class QuantConfig:
             "include": list(self.include),
             "exclude": list(self.exclude),
             "needs_calibration": self.needs_calibration,
+            "rank": self.rank,
+            "smooth_alpha": self.smooth_alpha,
         }
 
     @classmethod
@@ -82,7 +100,7 @@ class QuantConfig:
         return cls(weight=QuantSpec.from_dict(d["weight"]), activation=spec(d["activation"]),
                    modulation=spec(d["modulation"]), quantize_convs=d["quantize_convs"],
                    include=tuple(d["include"]), exclude=tuple(d["exclude"]), name=d["name"],
-                   needs_calibration=d["needs_calibration"])
+                   needs_calibration=d["needs_calibration"], rank=d["rank"], smooth_alpha=d["smooth_alpha"])
 
 
 @dataclass(frozen=True)
@@ -139,3 +157,16 @@ register_preset("w4a4", QuantConfig(_INT4_G64, QuantSpec("int4", "group", 64), m
                 "plain round-to-nearest int4 weights and activations, groups of 64 (activations dynamic per token)")
 register_preset("fp8", QuantConfig(_FP8_CH, _FP8_TOK, modulation=_FP8_CH),
                 "fp8 e4m3 weights per output channel, fp8 e4m3 activations per token (dynamic)")
+register_preset("smoothquant-w4a4",
+                QuantConfig(_INT4_G64, QuantSpec("int4", "group", 64), modulation=_INT4_G64, smooth_alpha=0.5,
+                            needs_calibration=True),
+                "SmoothQuant (alpha 0.5, calibrated) then int4 g64 weights and activations")
+register_preset("svdquant-w4a4",
+                QuantConfig(_INT4_G64, QuantSpec("int4", "group", 64), modulation=_INT4_G64, rank=32,
+                            smooth_alpha=0.5),
+                "SVDQuant: smoothing (with calibration data) + rank-32 16-bit branch + int4 g64 residual and "
+                "activations; data-free without calibration")
+register_preset("svdquant-nvfp4",
+                QuantConfig(QuantSpec("nvfp4", "group", 16), QuantSpec("nvfp4", "group", 16), modulation=_INT4_G64,
+                            rank=32, smooth_alpha=0.5),
+                "SVDQuant with NVFP4 (fp4 e2m1 g16, fp8 e4m3 scales, fp32 tensor scale) residual and activations")

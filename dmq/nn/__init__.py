@@ -5,12 +5,14 @@ import torch
 from dmq.errors import UnsupportedModuleError
 from dmq.formats import QuantSpec
 from dmq.nn.base import QuantGemm
-from dmq.nn.conv import QuantConv2d
+from dmq.nn.conv import QuantConv2d, unsupported_conv_reason
 from dmq.nn.linear import QuantLinear
+from dmq.nn.svdquant import SVDQuantConv2d, SVDQuantLinear
 
-LAYER_TYPES: dict[str, type[QuantGemm]] = {cls.__name__: cls for cls in (QuantLinear, QuantConv2d)}
+LAYER_TYPES: dict[str, type[QuantGemm]] = {
+    cls.__name__: cls for cls in (QuantLinear, QuantConv2d, SVDQuantLinear, SVDQuantConv2d)}
 
-__all__ = ["QuantGemm", "QuantLinear", "QuantConv2d", "LAYER_TYPES", "why_unsupported", "quantize_module"]
+__all__ = ["QuantGemm", "QuantLinear", "QuantConv2d", "SVDQuantLinear", "SVDQuantConv2d", "LAYER_TYPES", "why_unsupported", "quantize_module"]
 
 
 def why_unsupported(module: torch.nn.Module) -> str | None:
@@ -18,11 +20,7 @@ def why_unsupported(module: torch.nn.Module) -> str | None:
     if isinstance(module, torch.nn.Linear):
         return None
     if isinstance(module, torch.nn.Conv2d):
-        if module.groups != 1:
-            return f"grouped convolution (groups={module.groups}) is not supported"
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return f"padding {module.padding!r} / mode {module.padding_mode!r} is not supported (explicit zeros only)"
-        return None
+        return unsupported_conv_reason(module)
     return f"{type(module).__name__} has no quantized layer type in dmq (supported: nn.Linear, nn.Conv2d)"
 
 

@@ -39,10 +39,14 @@ class QuantGemm(nn.Module):
             self.input_scale = None
 
     # -- weights ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_finite(w: torch.Tensor, name: str) -> None:
+        if w.device.type != "meta" and not torch.isfinite(w).all():
+            raise NonFiniteError(f"{name}: the weight contains NaN or Inf; dmq will not quantize it")
+
     def _set_weight(self, w3: torch.Tensor, name: str) -> None:
         """Quantize and store an ``(N, T, C)`` float weight."""
-        if w3.device.type != "meta" and not torch.isfinite(w3).all():
-            raise NonFiniteError(f"{name}: the weight contains NaN or Inf; dmq will not quantize it")
+        self._check_finite(w3, name)
         q = quantize(w3, self.weight_spec)
         n = w3.shape[0]
         self.register_buffer("qweight", q.codes.reshape(n, -1).contiguous())

@@ -12,7 +12,25 @@ from dmq.errors import UnsupportedModuleError
 from dmq.formats import QuantSpec
 from dmq.nn.base import QuantGemm
 
-__all__ = ["QuantConv2d"]
+__all__ = ["QuantConv2d", "check_conv", "unsupported_conv_reason"]
+
+
+def unsupported_conv_reason(module: nn.Module) -> str | None:
+    """Why a module cannot become a QuantConv2d, or ``None``."""
+    if not isinstance(module, nn.Conv2d):
+        return f"{type(module).__name__} is not an nn.Conv2d"
+    if module.groups != 1:
+        return f"grouped convolution (groups={module.groups}) is not supported"
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return f"padding {module.padding!r} / mode {module.padding_mode!r} is not supported (explicit zeros only)"
+    return None
+
+
+def check_conv(module: nn.Module, label: str) -> None:
+    """UnsupportedModuleError, naming ``label``, unless the module can become a QuantConv2d."""
+    reason = unsupported_conv_reason(module)
+    if reason is not None:
+        raise UnsupportedModuleError(f"{label}: {reason}")
 
 
 class QuantConv2d(QuantGemm):
@@ -39,13 +57,7 @@ class QuantConv2d(QuantGemm):
                     name: str = "") -> "QuantConv2d":
         """Quantize an ``nn.Conv2d``; grouped convs and non-zero padding modes raise UnsupportedModuleError."""
         label = name or "conv"
-        if not isinstance(module, nn.Conv2d):
-            raise UnsupportedModuleError(f"{label}: QuantConv2d wraps nn.Conv2d, got {type(module).__name__}")
-        if module.groups != 1:
-            raise UnsupportedModuleError(f"{label}: grouped convolutions (groups={module.groups}) are not supported")
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise UnsupportedModuleError(f"{label}: only explicit zero padding is supported "
-                                         f"(padding={module.padding!r}, padding_mode={module.padding_mode!r})")
+        check_conv(module, label)
         w = module.weight.detach()
         cout, cin, kh, kw = w.shape
         layer = cls(cin, cout, (kh, kw), module.stride, module.padding, module.dilation, weight_spec, act_spec,

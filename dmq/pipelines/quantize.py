@@ -17,11 +17,13 @@ from tqdm.auto import tqdm
 from dmq.config import QuantConfig, resolve_config
 from dmq.errors import CalibrationRequiredError, ConfigError, UnsupportedModuleError, UnsupportedPipelineError
 from dmq.formats import QuantSpec
+from dmq.methods.smoothing import smoothing_factors, weight_channel_absmax
 from dmq.nn import QuantGemm, quantize_module, why_unsupported
+from dmq.nn.svdquant import SVDQuantConv2d, SVDQuantLinear
 from dmq.pipelines.roles import ArchRoles, matches_any, roles_for
 from dmq.report import LayerEntry, QuantReport
 
-__all__ = ["quantize_pipeline", "quantize_model", "prepare_model", "commit_model", "denoiser_name", "plan_model",
+__all__ = ["quantize_pipeline", "quantize_model", "prepare_model", "build_layer", "commit_model", "denoiser_name", "plan_model",
            "LayerPlan", "DMQ_CONFIG_ATTR"]
 
 logger = logging.getLogger(__name__)
@@ -99,9 +101,29 @@ def plan_model(model: nn.Module, roles: ArchRoles, config: QuantConfig) -> list[
     return plans
 
 
+def build_layer(plan: LayerPlan, config: QuantConfig, act_absmax: torch.Tensor | None, name: str) -> QuantGemm:
+    """The quantized layer for one planned leaf. Main-role layers get SVDQuant's branch when ``config.rank > 0``
+    and smoothing when ``config.smooth_alpha`` is set and the input's per-channel abs-max ``(Cin,)`` is known."""
+    module = plan.module
+    channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    weight = plan.weight.fitted(channels)
+    act = plan.activation.fitted(channels) if plan.activation is not None else None
+    smooth = None
+    if plan.action == "quantized" and config.smooth_alpha is not None and act_absmax is not None:
+        smooth = smoothing_factors(act_absmax, weight_channel_absmax(module), config.smooth_alpha)
+    if plan.action != "quantized" or (config.rank == 0 and smooth is None):
+        return quantize_module(module, weight, act, name=name)
+    n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    k = module.weight[0].numel()
+    cls = SVDQuantLinear if isinstance(module, nn.Linear) else SVDQuantConv2d
+    return cls.from_module(module, weight, act, name, rank=min(config.rank, n, k), smooth=smooth)
+
+
 def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, component: str = "model",
-                  progress: bool = True) -> tuple[list[LayerEntry], dict[str, QuantGemm]]:
-    """Build (without swapping) the quantized layers of one model: its report entries and ``{name: new layer}``."""
+                  progress: bool = True, act_absmax: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[list[LayerEntry], dict[str, QuantGemm]]:
+    """Build (without swapping) the quantized layers of one model: its report entries and ``{name: new layer}``.
+    ``act_absmax``: per-input-channel activation abs-max by layer name, from calibration (smoothing)."""
     if any(isinstance(m, QuantGemm) for m in model.modules()):
         raise ConfigError(f"{component} is already quantized by dmq; start from the floating-point model")
     plans = plan_model(model, roles, config)
@@ -114,9 +136,8 @@ def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, compo
     built: dict[str, QuantGemm] = {}
     with torch.no_grad():
         for p in tqdm(todo, desc=f"quantizing {component}", disable=not progress, leave=False):
-            channels = p.module.in_features if isinstance(p.module, nn.Linear) else p.module.in_channels
-            act = p.activation.fitted(channels) if p.activation is not None else None
-            built[p.name] = quantize_module(p.module, p.weight.fitted(channels), act, name=f"{component}.{p.name}")
+            absmax = act_absmax.get(p.name) if act_absmax else None
+            built[p.name] = build_layer(p, config, absmax, f"{component}.{p.name}")
     entries = []
     for p in plans:
         fp = _fp_bytes(p.module)
@@ -125,6 +146,10 @@ def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, compo
             continue
         layer = built[p.name]
         fmt = layer.weight_spec.describe() + (f" / {layer.act_spec.describe()}" if layer.act_spec else " / 16-bit act")
+        if getattr(layer, "rank", 0):
+            fmt += f" + rank-{layer.rank} branch"
+        if getattr(layer, "smooth", None) is not None:
+            fmt += " (smoothed)"
         entries.append(LayerEntry(component, p.name, type(p.module).__name__, p.action, fmt, "", fp, layer.nbytes()))
     return entries, built
 
@@ -158,7 +183,7 @@ def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = N
     if cfg.needs_calibration and calibration is None:
         raise CalibrationRequiredError(f"preset {cfg.name!r} needs calibration data: pass "
                                        "calibration=dmq.CalibrationConfig(...)")
-    if calibration is not None and not cfg.needs_calibration:
+    if calibration is not None and not cfg.accepts_calibration:
         raise ConfigError(f"preset {cfg.name!r} quantizes activations dynamically and takes no calibration data")
     main = denoiser_name(pipe)
     names = list(components) if components else [main]
@@ -170,6 +195,9 @@ def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = N
         models[name] = model
     roles = {name: roles_for(m) if name == main else ArchRoles("generic") for name, m in models.items()}
     report = QuantReport(config=cfg.to_dict())
+    if cfg.rank and cfg.smooth_alpha is not None and calibration is None:
+        report.notes.append(f"{cfg.name}: no calibration data, so the low-rank branch ran data-free (SVD of W "
+                            "alone, no smoothing)")
     prepared = {}
     for name, model in models.items():  # build everything before the first swap
         entries, built = prepare_model(model, cfg, roles[name], name, progress)
