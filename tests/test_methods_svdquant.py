@@ -92,3 +92,12 @@ def test_svdquant_preset_runs_data_free_and_round_trips(tmp_path):
 def test_smoothquant_preset_needs_calibration():
     with pytest.raises(dmq.CalibrationRequiredError):
         dmq.quantize_pipeline(build_pipeline("dit"), "smoothquant-w4a4")
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart", "sd3", "flux", "dit", "ddpm"])
+@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-nvfp4"])
+def test_svdquant_presets_run_on_every_family(family, preset):
+    pipe = dmq.quantize_pipeline(build_pipeline(family), preset, progress=False)
+    model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    assert any(isinstance(m, (SVDQuantLinear, SVDQuantConv2d)) for m in model.modules())
+    assert torch.isfinite(call_pipeline(pipe, family)).all()
