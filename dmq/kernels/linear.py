@@ -1,0 +1,258 @@
+"""Fast forwards for the quantized layers, registered with :mod:`dmq.kernels.dispatch` on import.
+
+``import dmq.kernels.linear`` registers kernels for :class:`~dmq.nn.linear.QuantLinear` and
+:class:`~dmq.nn.conv.QuantConv2d`; they run when the input is a 16-bit CUDA tensor on a GPU of compute capability
+≥ 8.0 and the layer's specs are supported (below); everything else keeps the layer's reference forward.
+SVDQuant-style layers (``smooth``, ``proj_down``, ``proj_up`` beside ``qweight``/``wscales``) are registered with
+:func:`register_svdquant`.
+
+Supported (dynamic, symmetric activations; symmetric weights):
+
+- int8 / int4 activations per token or in groups of a multiple of 64 × int8 / int4 weights per channel or in
+  groups of a multiple of 64: :func:`dmq.kernels.ops.quantized_linear` (w8a8, w4a8, w4a4, smoothquant/svdquant).
+- weight-only int4 / int8 (w4a16, modulation linears): GEMV for M ≤ 16, dequantize + cuBLAS above.
+- fp8 e4m3 per token × fp8 per channel (K, N multiples of 16): ``torch._scaled_mm``.
+- nvfp4 × nvfp4: exact bf16 dequantization + cuBLAS (see :mod:`dmq.kernels.triton.nvfp4`).
+- convolutions: the same int GEMM on an NHWC im2col of the *quantized* input (per-pixel scales become per-tap
+  group scales), when the padded channel count is a multiple of 64; weight-only convs dequantize + cuDNN.
+
+The kernel layout of a layer's weight (blocked int4, see :mod:`dmq.kernels.layouts`) is built on the first call
+(or by :func:`prepare`) and cached on the layer as a plain attribute (not in the state dict).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dmq.formats import padded_channels
+from dmq.kernels import ops
+from dmq.kernels._common import HAS_TRITON
+from dmq.kernels.dispatch import register_kernel
+from dmq.kernels.layouts import int4_to_blocked
+from dmq.nn.conv import QuantConv2d
+from dmq.nn.linear import QuantLinear
+
+__all__ = ["prepare", "linear_forward", "conv_forward", "svdquant_forward", "register_svdquant",
+           "supported", "INT4_GEMM"]
+
+# How int4 weights reach the int8 tensor cores: "int4b" unpacks the blocked layout inside the GEMM's K loop;
+# "unpack" expands it to an int8 workspace per call and runs the int8 GEMM (weights stay resident as 4-bit).
+INT4_GEMM = "int4b"
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+_CACHE_ATTR = "_dmq_kernel_weights"
+
+
+def _gpu_ok(x: torch.Tensor) -> bool:
+    if not (HAS_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx] >= (8, 0)
+
+
+def _group(spec) -> int:
+    return spec.group_size if spec.granularity == "group" else 0
+
+
+def _int_ok(spec, weight: bool) -> bool:
+    if spec.dtype not in ("int4", "int8") or not spec.symmetric:
+        return False
+    grans = ("channel", "group") if weight else ("token", "group")
+    if spec.granularity not in grans or (not weight and not spec.dynamic):
+        return False
+    return spec.granularity != "group" or spec.group_size % 64 == 0
+
+
+def _path(layer) -> str | None:
+    """Which kernel path serves this layer's specs, or None (reference)."""
+    ws, acts = layer.weight_spec, layer.act_spec
+    if getattr(layer, "wzeros", None) is not None:
+        return None
+    if acts is None:
+        return "weight_only" if _int_ok(ws, weight=True) else None
+    if ws.dtype == "nvfp4" and acts.dtype == "nvfp4" and acts.dynamic:
+        return "nvfp4"
+    if ws.dtype == "fp8_e4m3" and acts.dtype == "fp8_e4m3":
+        ok = ws.granularity == "channel" and acts.granularity == "token" and acts.dynamic
+        return "fp8" if ok and layer.channels % 16 == 0 and layer.out_features % 16 == 0 and layer.taps == 1 \
+            else None
+    if _int_ok(ws, weight=True) and _int_ok(acts, weight=False):
+        return "int"
+    return None
+
+
+def supported(layer, x: torch.Tensor) -> bool:
+    """The dispatch predicate: a supported GPU and input, and specs a kernel path serves."""
+    if not _gpu_ok(x):
+        return False
+    path = _path(layer)
+    if path is None:
+        return False
+    if isinstance(layer, QuantConv2d):
+        if path == "weight_only":
+            return True
+        if path != "int":
+            return False
+        cp_w = padded_channels(layer.weight_spec, layer.channels)
+        cp_a = padded_channels(layer.act_spec, layer.channels)
+        return cp_w == cp_a and cp_a % 64 == 0
+    return True
+
+
+# -- weights in kernel layout --------------------------------------------------------------------------------------
+def _k_act(layer) -> int:
+    """Codes per GEMM row on the activation side (all taps)."""
+    if layer.act_spec is None or layer.act_spec.dtype in ("fp8_e4m3", "nvfp4"):
+        return layer.taps * layer.channels
+    return layer.taps * padded_channels(layer.act_spec, layer.channels)
+
+
+def prepare(layer) -> dict[str, Any]:
+    """Convert the layer's stored weight to the kernel layout once (cached on the layer; recomputed when the
+    device changes or, outside torch.compile, when ``qweight`` is replaced or modified in place)."""
+    qw = layer.qweight
+    key = (qw.device, qw.data_ptr(), qw._version) if not torch.compiler.is_compiling() else None
+    cache = layer.__dict__.get(_CACHE_ATTR)
+    if cache is not None and (key is None or cache["key"] == key):
+        return cache
+    ws = layer.weight_spec
+    wg = _group(ws)
+    scales = layer.wscales
+    k_a = _k_act(layer)
+    if ws.dtype == "int4":
+        w, fmt = int4_to_blocked(qw, k_a), "int4b"
+    elif ws.dtype == "int8":
+        w, fmt = qw, "int8"
+        if w.shape[1] < k_a:
+            w = F.pad(w, (0, k_a - w.shape[1]))
+    else:
+        w, fmt = qw, "fp4" if ws.dtype == "nvfp4" else ws.dtype
+    if wg and scales.shape[1] * wg < k_a:        # activation padding reaches past the weight's last group
+        scales = F.pad(scales, (0, -(-k_a // wg) - scales.shape[1]))
+    cache = {"key": key, "w": w.contiguous(), "w_format": fmt, "w_group": wg, "w_scales": scales.contiguous(),
+             "k_act": k_a}
+    layer.__dict__[_CACHE_ATTR] = cache
+    return cache
+
+
+def _int_weight(prep: dict[str, Any]) -> tuple[torch.Tensor, str]:
+    if prep["w_format"] == "int4b" and INT4_GEMM == "unpack":
+        w8 = ops.dequantize_weight(prep["w"], prep["w_scales"], "int4b", prep["w_group"], prep["k_act"],
+                                   torch.int8)
+        return w8, "int8"
+    return prep["w"], prep["w_format"]
+
+
+# -- linear ----------------------------------------------------------------------------------------------------------
+def linear_forward(layer, x: torch.Tensor, smooth=None, proj_down=None, proj_up=None) -> torch.Tensor:
+    """Kernel forward of a QuantLinear (or an SVDQuant layer when smooth / proj_down / proj_up are given)."""
+    prep = prepare(layer)
+    path = _path(layer)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n = layer.out_features
+    if path == "int":
+        w, fmt = _int_weight(prep)
+        y = ops.quantized_linear(x2, smooth, proj_down, proj_up, w, prep["w_scales"], fmt, prep["w_group"],
+                                 layer.bias, layer.act_spec.dtype, _group(layer.act_spec))
+    elif path == "weight_only":
+        y = ops.weight_only_linear(x2, prep["w"], prep["w_scales"], prep["w_format"], prep["w_group"], layer.bias)
+    elif path == "fp8":
+        y = ops.fp8_linear(x2, prep["w"], prep["w_scales"], layer.bias)
+    elif path == "nvfp4":
+        y = ops.nvfp4_linear(x2, smooth, proj_down, proj_up, prep["w"], prep["w_scales"], layer.wscale2,
+                             layer.bias)
+    else:
+        raise ValueError(f"no kernel path for {layer}")
+    if path in ("weight_only", "fp8") and proj_down is not None:
+        xs = x2 / smooth.to(x2.dtype) if smooth is not None else x2
+        y = y + (xs @ proj_down.to(x2.dtype)) @ proj_up.to(x2.dtype)
+    return y.reshape(*lead, n)
+
+
+# -- conv ------------------------------------------------------------------------------------------------------------
+def _im2col(t: torch.Tensor, kh: int, kw: int, stride, padding, dilation) -> tuple[torch.Tensor, int, int]:
+    """NHWC ``(B, H, W, C)`` → ``(B * H' * W', kh * kw * C)`` rows (taps outer, channels inner), zero-padded;
+    any dtype, on the tensor's device."""
+    b, h, w, c = t.shape
+    ph, pw = padding
+    sh, sw = stride
+    dh, dw = dilation
+    tp = F.pad(t, (0, 0, pw, pw, ph, ph)) if (ph or pw) else t
+    tp = tp.contiguous()
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wo = (wp - dw * (kw - 1) - 1) // sw + 1
+    s = tp.stride()
+    view = tp.as_strided((b, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
+    return view.reshape(b * ho * wo, kh * kw * c), ho, wo
+
+
+def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """Kernel forward of a QuantConv2d: quantize the input pixels (NHWC rows), im2col the int8 codes and their
+    scales on the GPU, run the int GEMM with per-(pixel, tap) activation scales as K-groups of one tap."""
+    prep = prepare(layer)
+    kh, kw = layer.kernel_size
+    cin, cout = layer.in_channels, layer.out_channels
+    if _path(layer) == "weight_only":
+        wd = ops.dequantize_weight(prep["w"], prep["w_scales"], prep["w_format"], prep["w_group"],
+                                   layer.taps * padded_channels(layer.weight_spec, cin), x.dtype)
+        wd = wd.reshape(cout, kh, kw, -1)[..., :cin].permute(0, 3, 1, 2)
+        bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+        return F.conv2d(x, wd, bias, layer.stride, layer.padding, layer.dilation)
+    acts = layer.act_spec
+    ag = _group(acts)
+    b, _, h, w = x.shape
+    pix = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)
+    codes, scales, _ = ops.quantize_act(pix.contiguous(), None, None, acts.dtype, ag, False)
+    cp = codes.shape[1]
+    a, ho, wo = _im2col(codes.reshape(b, h, w, cp), kh, kw, layer.stride, layer.padding, layer.dilation)
+    sc = scales.reshape(b, h, w, -1)
+    a_scales, _, _ = _im2col(sc, kh, kw, layer.stride, layer.padding, layer.dilation)
+    w_, fmt = _int_weight(prep)
+    y = ops.gemm_int(a, a_scales, w_, prep["w_scales"], fmt, ag or cp, prep["w_group"], None, None, layer.bias,
+                     x.dtype)
+    return y.reshape(b, ho, wo, cout).permute(0, 3, 1, 2)
+
+
+# -- SVDQuant ----------------------------------------------------------------------------------------------------------
+def svdquant_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """Kernel forward of an SVDQuant linear: ``y = Q(x/smooth)·Q(R)ᵀ + (x/smooth)·proj_down·proj_up + b`` with the
+    down-projection fused into activation quantization and the up-projection into the GEMM epilogue."""
+    return linear_forward(layer, x, getattr(layer, "smooth", None), layer.proj_down, layer.proj_up)
+
+
+def _svdquant_ok(layer, x: torch.Tensor) -> bool:
+    return _gpu_ok(x) and _path(layer) in ("int", "nvfp4") and layer.proj_down.dtype in (torch.float16,
+                                                                                        torch.bfloat16) \
+        and layer.proj_down.shape[1] <= 256
+
+
+def register_svdquant(layer_type: type) -> None:
+    """Register the fused kernels for an SVDQuant layer class (attributes ``smooth`` (K,) or None, ``proj_down``
+    (K, r), ``proj_up`` (r, N), plus the QuantLinear buffers and specs). Register it before QuantLinear's kernels
+    can match it: this module's QuantLinear predicate only accepts the exact QuantLinear class."""
+    register_kernel(layer_type, _svdquant_ok, svdquant_forward)
+
+
+def _plain_linear_ok(layer, x):
+    return type(layer) is QuantLinear and supported(layer, x)
+
+
+def _plain_conv_ok(layer, x):
+    return type(layer) is QuantConv2d and supported(layer, x)
+
+
+def _register() -> None:
+    register_kernel(QuantLinear, _plain_linear_ok, lambda layer, x: linear_forward(layer, x))
+    register_kernel(QuantConv2d, _plain_conv_ok, conv_forward)
+
+
+_register()

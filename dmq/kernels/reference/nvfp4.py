@@ -1,0 +1,58 @@
+"""References for NVFP4 (fp4 e2m1 codes in groups of 16, fp8 e4m3 group scales, fp32 per-tensor scale)."""
+
+from __future__ import annotations
+
+import torch
+
+from dmq.formats import QuantSpec, quantize
+from dmq.kernels.reference.weight_only import dequantize_weight
+
+__all__ = ["nvfp4_amax", "nvfp4_quantize", "nvfp4_linear"]
+
+_SPEC = QuantSpec("nvfp4", "group", 16)
+
+
+def nvfp4_amax(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """``max |x / smooth|`` as an fp32 scalar tensor, with one read of x: division by a positive number is monotonic,
+    so ``max_k (max_m |x_mk|) / s_k`` equals the elementwise maximum bit for bit."""
+    col = x.abs().amax(dim=0).to(torch.float32)
+    if smooth is not None:
+        col = col / smooth.to(torch.float32)
+    return col.amax() if col.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
+
+
+def nvfp4_quantize(x: torch.Tensor, smooth: torch.Tensor | None,
+                   amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the rows of ``x / smooth`` to nvfp4 with the per-tensor range ``amax`` (fp32 scalar).
+
+    Returns codes uint8 ``(M, Kp/2)`` (pairs, as :func:`dmq.formats.pack_nibbles`), scales float8 e4m3
+    ``(M, Kp/16)`` and the fp32 global scale ``amax / 2688``: exactly :func:`dmq.formats.quantize`.
+    """
+    m, k = x.shape
+    xs = x.to(torch.float32)
+    if smooth is not None:
+        xs = xs / smooth.to(torch.float32)
+    q = quantize(xs.reshape(m, 1, k), _SPEC, scale=amax)
+    return q.codes.reshape(m, -1).contiguous(), q.scales.contiguous(), q.global_scale.reshape(())
+
+
+def nvfp4_linear(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor | None,
+                 proj_up: torch.Tensor | None, w: torch.Tensor, w_scales: torch.Tensor, w_scale2: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """``y = Q(x/smooth) · Q(W)ᵀ + (x/smooth) · proj_down · proj_up + bias`` with dynamic nvfp4 activations.
+
+    w: fp4 codes uint8 ``(N, Kp/2)``; w_scales: fp8 e4m3 ``(N, Kp/16)``; w_scale2: fp32 scalar. The products of
+    dequantized codes are summed in fp32 and scaled by both global scales at the end.
+    """
+    m, k = x.shape
+    codes, scales, g = nvfp4_quantize(x, smooth, nvfp4_amax(x, smooth))
+    a = dequantize_weight(codes, scales, "fp4", 16, k, torch.float32)
+    wd = dequantize_weight(w, w_scales, "fp4", 16, k, torch.float32)
+    y = (a @ wd.T) * (g * w_scale2.to(torch.float32))
+    if proj_down is not None and proj_down.shape[1] > 0:
+        xs = x.to(torch.float32) / smooth.to(torch.float32) if smooth is not None else x.to(torch.float32)
+        lr = (xs.to(proj_down.dtype).to(torch.float32) @ proj_down.to(torch.float32)).to(x.dtype)
+        y = y + lr.to(torch.float32) @ proj_up.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)

@@ -1,0 +1,404 @@
+"""Triton kernels vs their references under TRITON_INTERPRET=1 (set in conftest.py), at small odd shapes.
+
+Integer outputs (codes, scales, dequantized weights) must be bit-exact. Float outputs are compared with
+``max |kernel - reference| <= TOL * max |reference|`` where the kernel only reorders fp32 sums and rounds once to
+fp16 (TOL = 2e-3 ≈ 4 fp16 half-ulps of the largest output). The interpreter miscomputes in-kernel casts to bf16, so
+bf16 inputs are checked on integer outputs only here (the GPU run of benchmarks/kernels.py checks them).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from dmq.formats import QuantSpec, fake_quantize, pack_nibbles, quantize  # noqa: E402
+from dmq.kernels import linear as klinear  # noqa: E402
+from dmq.kernels import ops  # noqa: E402
+from dmq.kernels.dispatch import find_kernel  # noqa: E402
+from dmq.kernels.layouts import blocked_kb, blocked_to_int8, int4_to_blocked  # noqa: E402
+from dmq.kernels.reference import fp8 as rfp8  # noqa: E402
+from dmq.kernels.reference import gemm as rgemm  # noqa: E402
+from dmq.kernels.reference import nvfp4 as rnv  # noqa: E402
+from dmq.kernels.reference import quant_act as rq  # noqa: E402
+from dmq.kernels.reference import weight_only as rwo  # noqa: E402
+from dmq.kernels.triton import gemm as tgemm  # noqa: E402
+from dmq.kernels.triton import nvfp4 as tnv  # noqa: E402
+from dmq.kernels.triton import quant_act as tq  # noqa: E402
+from dmq.kernels.triton import weight_only as two  # noqa: E402
+from dmq.nn.conv import QuantConv2d  # noqa: E402
+from dmq.nn.linear import QuantLinear  # noqa: E402
+
+TOL = 2e-3
+MS = (1, 37, 130)
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
+    got, ref = got.float(), ref.float()
+    assert got.shape == ref.shape
+    assert torch.isfinite(got).all()
+    err = (got - ref).abs().max().item()
+    scale = ref.abs().max().item() or 1.0
+    assert err <= tol * scale, f"max error {err:.3g} > {tol} * {scale:.3g}"
+
+
+def _x(m, k, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 2
+    x[:, 1] *= 20                                   # an outlier channel
+    return x.to(dtype)
+
+
+# -- layouts ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [37, 128, 200])
+def test_blocked_int4_layout_roundtrip(k):
+    codes = torch.randint(-8, 8, (5, k + k % 2), dtype=torch.int8)
+    wb = int4_to_blocked(pack_nibbles(codes))
+    assert wb.shape == (5, blocked_kb(k) // 2) and wb.dtype == torch.uint8
+    assert torch.equal(blocked_to_int8(wb, k), codes[:, :k])
+    # byte j of block 0: low nibble = code j, high nibble = code 64 + j
+    if k >= 128:
+        assert int(wb[0, 3]) & 15 == int(codes[0, 3]) & 15 and int(wb[0, 3]) >> 4 == int(codes[0, 67]) & 15
+
+
+# -- activation quantization + low-rank down ---------------------------------------------------------------------------
+QA_CASES = [  # qdtype, group, pack, smooth, rank
+    ("int4", 64, False, True, 32),
+    ("int4", 64, True, False, 0),
+    ("int4", 0, True, True, 24),
+    ("int8", 0, False, True, 64),
+    ("int8", 128, False, False, 16),
+    ("int4", 16, True, False, 0),
+    ("fp8_e4m3", 0, False, False, 0),
+]
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("case", QA_CASES, ids=lambda c: f"{c[0]}-g{c[1]}-p{int(c[2])}-s{int(c[3])}-r{c[4]}")
+def test_quantize_act_matches_reference(m, case):
+    qdtype, group, pack, use_smooth, r = case
+    k = {1: 37, 37: 100, 130: 200}[m]               # never a multiple of the group or block
+    x = _x(m, k, seed=m)
+    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5).half() if use_smooth else None
+    pd = (torch.randn(k, r) / 8).half() if r else None
+    got = tq.quantize_act(x, smooth, pd, qdtype, group, pack)
+    ref = rq.quantize_act(x, smooth, pd, qdtype, group, pack)
+    view = (lambda t: t.view(torch.uint8)) if qdtype == "fp8_e4m3" else (lambda t: t)
+    assert got[0].dtype == ref[0].dtype and torch.equal(view(got[0]), view(ref[0]))
+    assert got[1].dtype == ref[1].dtype and torch.equal(got[1], ref[1])
+    assert got[2].shape == (m, r)
+    if r:
+        _close(got[2], ref[2])
+
+
+def test_quantize_act_codes_equal_formats_quantize():
+    x = _x(37, 100)
+    codes, scales, _ = tq.quantize_act(x, None, None, "int4", 64, True)
+    q = quantize(x.float().reshape(37, 1, 100), QuantSpec("int4", "group", 64))
+    assert torch.equal(codes, q.codes.reshape(37, -1)) and torch.equal(scales, q.scales)
+
+
+def test_quantize_act_bf16_codes_exact():
+    x = _x(37, 100, torch.bfloat16)
+    got = tq.quantize_act(x, None, None, "int4", 64, False)
+    ref = rq.quantize_act(x, None, None, "int4", 64, False)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+# -- integer GEMM ------------------------------------------------------------------------------------------------------
+GEMM_CASES = [  # w_format, a_group, w_group, rank
+    ("int8", 0, 0, 0),        # w8a8
+    ("int4b", 0, 0, 32),      # w4a4 per-channel + rank 32
+    ("int4b", 64, 64, 24),    # w4a4 g64 + odd rank
+    ("int4b", 0, 128, 0),     # w4a8 (int4 g128 weights, int8 per-token activations)
+    ("int8", 0, 128, 0),      # w4a8 through the unpack-once int8 path
+    ("int8", 64, 0, 16),      # group activations, per-channel int8 weights
+]
+
+
+def _gemm_inputs(m, k, n, fmt, ag, wg, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qa = 8 if (fmt == "int4b" or ag) else 128
+    a = torch.randint(-qa, qa, (m, k), dtype=torch.int8, generator=g)
+    wc = torch.randint(-8 if fmt == "int4b" else -128, 8 if fmt == "int4b" else 128, (n, k), dtype=torch.int8,
+                       generator=g)
+    w = int4_to_blocked(pack_nibbles(torch.nn.functional.pad(wc, (0, k % 2)))) if fmt == "int4b" else wc
+    norm = 1.0 / (qa * 16 * k ** 0.5)
+    a_s = ((torch.rand(m, -(-k // ag), generator=g) + 0.5) * norm).half() if ag else \
+        (torch.rand(m, generator=g) + 0.5) * norm
+    w_s = ((torch.rand(n, -(-k // wg), generator=g) + 0.5) * 10).half() if wg else (torch.rand(n, generator=g) + .5)
+    lr = torch.randn(m, r, generator=g).half() if r else None
+    up = (torch.randn(r, n, generator=g) / 4).half() if r else None
+    bias = torch.randn(n, generator=g).half()
+    return a, a_s, w, w_s, lr, up, bias
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: f"{c[0]}-a{c[1]}-w{c[2]}-r{c[3]}")
+def test_gemm_matches_reference(m, case):
+    fmt, ag, wg, r = case
+    k, n = {1: (64, 37), 37: (200, 50), 130: (320, 70)}[m]
+    args = _gemm_inputs(m, k, n, fmt, ag, wg, r, seed=m)
+    a, a_s, w, w_s, lr, up, bias = args
+    got = tgemm.gemm_int(a, a_s, w, w_s, fmt, ag, wg, lr, up, bias, torch.float16)
+    ref = rgemm.gemm_int(a, a_s, w, w_s, fmt, ag, wg, lr, up, bias, torch.float16)
+    _close(got, ref)
+
+
+def test_gemm_rejects_unsupported_layouts():
+    a, a_s, w, w_s, lr, up, bias = _gemm_inputs(5, 128, 16, "int4b", 0, 0, 0)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        tgemm.gemm_int(a, a_s.new_ones(5, 4), w, w_s, "int4b", 32, 0, None, None, None, torch.float16)
+    with pytest.raises(ValueError, match="int4b weight holds"):
+        tgemm.gemm_int(torch.zeros(5, 256, dtype=torch.int8), a_s, w, w_s, "int4b", 0, 0, None, None, None,
+                       torch.float16)
+    with pytest.raises(ValueError, match="out_dtype"):
+        tgemm.gemm_int(a, a_s, w, w_s, "int4b", 0, 0, None, None, None, torch.float32)
+    with pytest.raises(ValueError, match="must be int8"):
+        tgemm.gemm_int(a.half(), a_s, w, w_s, "int4b", 0, 0, None, None, None, torch.float16)
+    with pytest.raises(ValueError, match="R ≤ 256"):
+        tgemm.gemm_int(a, a_s, w, w_s, "int4b", 0, 0, torch.zeros(5, 300).half(), torch.zeros(300, 16).half(),
+                       None, torch.float16)
+
+
+def test_quantize_act_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        tq.quantize_act(torch.randn(3, 64), None, None, "int8", 0, False)
+    with pytest.raises(ValueError, match="rank must be"):
+        tq.quantize_act(torch.randn(3, 64).half(), None, torch.zeros(64, 300).half(), "int8", 0, False)
+    with pytest.raises(ValueError, match="per token"):
+        tq.quantize_act(torch.randn(3, 64).half(), None, None, "fp8_e4m3", 64, False)
+
+
+# -- weight-only -------------------------------------------------------------------------------------------------------
+def _weights(n, k, spec, seed=0):
+    wf = torch.randn(n, 1, k, generator=torch.Generator().manual_seed(seed))
+    q = quantize(wf, spec)
+    w = q.codes.reshape(n, -1)
+    fmt = {"int4": "int4b", "int8": "int8", "nvfp4": "fp4"}[spec.dtype]
+    if fmt == "int4b":
+        w = int4_to_blocked(w, k)
+    return w, q.scales, fmt, (spec.group_size or 0), q
+
+
+WO_SPECS = [QuantSpec("int4", "group", 64), QuantSpec("int4", "channel"), QuantSpec("int8", "channel"),
+            QuantSpec("int8", "group", 128), QuantSpec("nvfp4", "group", 16)]
+
+
+@pytest.mark.parametrize("spec", WO_SPECS, ids=lambda s: s.describe())
+def test_dequantize_weight_exact(spec):
+    w, s, fmt, g, _ = _weights(37, 200, spec)
+    assert torch.equal(two.dequantize_weight(w, s, fmt, g, 200, torch.float16),
+                       rwo.dequantize_weight(w, s, fmt, g, 200, torch.float16))
+    if fmt != "fp4":
+        assert torch.equal(two.dequantize_weight(w, s, fmt, g, 200, torch.int8),
+                           rwo.dequantize_weight(w, s, fmt, g, 200, torch.int8))
+
+
+@pytest.mark.parametrize("m", (1, 5, 16))
+@pytest.mark.parametrize("spec", WO_SPECS, ids=lambda s: s.describe())
+def test_weight_only_gemv_matches_reference(m, spec):
+    n, k = 70, 200
+    w, s, fmt, g, q = _weights(n, k, spec, seed=m)
+    x = _x(m, k, seed=m)
+    if fmt == "fp4":                                  # the per-tensor scale is not applied: keep y in fp16 range
+        x = (x.float() * q.global_scale).half()
+    bias = torch.randn(n).half()
+    _close(two.weight_only_linear(x, w, s, fmt, g, bias), rwo.weight_only_linear(x, w, s, fmt, g, bias))
+
+
+def test_gemv_rejects_large_m_and_bad_groups():
+    w, s, fmt, g, _ = _weights(16, 128, QuantSpec("int4", "group", 64))
+    with pytest.raises(ValueError, match="M ≤ 16"):
+        two.weight_only_linear(_x(17, 128), w, s, fmt, g, None)
+    w, s, fmt, g, _ = _weights(16, 128, QuantSpec("int4", "group", 32))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        two.weight_only_linear(_x(2, 128), w, s, fmt, 32, None)
+
+
+# -- nvfp4 and fp8 -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", MS)
+def test_nvfp4_quantize_exact(m):
+    k = {1: 37, 37: 100, 130: 200}[m]
+    x = _x(m, k, seed=m)
+    smooth = (torch.rand(k) + 0.5).half()
+    amax = rnv.nvfp4_amax(x, smooth)
+    assert torch.equal(amax, (x.float() / smooth.float()).abs().amax())
+    got, ref = tnv.nvfp4_quantize(x, smooth, amax), rnv.nvfp4_quantize(x, smooth, amax)
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[1].view(torch.uint8), ref[1].view(torch.uint8))
+    assert torch.equal(got[2], ref[2])
+
+
+def test_nvfp4_linear_matches_reference():
+    m, k, n, r = 37, 100, 50, 16
+    x = _x(m, k)
+    w, s, _, _, q = _weights(n, k, QuantSpec("nvfp4", "group", 16))
+    smooth = (torch.rand(k) + 0.5).half()
+    pd, pu = (torch.randn(k, r) / 8).half(), (torch.randn(r, n) / 8).half()
+    bias = torch.randn(n).half()
+    args = (x, smooth, pd, pu, w, s, q.global_scale, bias)
+    _close(tnv.nvfp4_linear(*args), rnv.nvfp4_linear(*args), tol=5e-3)
+
+
+def test_fp8_codes_exact_and_reference_matches_layer():
+    x = _x(37, 64)
+    got = tq.quantize_act(x, None, None, "fp8_e4m3", 0, False)
+    ref = rq.quantize_act(x, None, None, "fp8_e4m3", 0, False)
+    assert torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1])
+    layer = QuantLinear.from_module(torch.nn.Linear(64, 32).half(), QuantSpec("fp8_e4m3", "channel"),
+                                    QuantSpec("fp8_e4m3", "token"))
+    y = rfp8.fp8_linear(x, layer.qweight, layer.wscales, layer.bias)
+    _close(y, layer.reference_forward(x), tol=2e-2)
+
+
+# -- custom ops ----------------------------------------------------------------------------------------------------------
+def _op_samples():
+    x = _x(5, 100)
+    a, a_s, w, w_s, lr, up, bias = _gemm_inputs(5, 200, 24, "int4b", 64, 64, 16)
+    wq, sq, fmt, g, q = _weights(24, 100, QuantSpec("int4", "group", 64))
+    wn, sn, _, _, qn = _weights(24, 100, QuantSpec("nvfp4", "group", 16))
+    w8 = QuantLinear.from_module(torch.nn.Linear(64, 32).half(), QuantSpec("fp8_e4m3", "channel"),
+                                 QuantSpec("fp8_e4m3", "token"))
+    return [
+        (torch.ops.dmq.quantize_act.default, (x, None, (torch.randn(100, 16) / 8).half(), "int4", 64, False)),
+        (torch.ops.dmq.quantize_act.default, (x, (torch.rand(100) + .5).half(), None, "int8", 0, False)),
+        (torch.ops.dmq.gemm_int.default, (a, a_s, w, w_s, "int4b", 64, 64, lr, up, bias, torch.float16)),
+        (torch.ops.dmq.weight_only_linear.default, (x, wq, sq, fmt, g, None)),
+        (torch.ops.dmq.dequantize_weight.default, (wq, sq, fmt, g, 100, torch.float16)),
+        (torch.ops.dmq.fp8_linear.default, (_x(3, 64), w8.qweight, w8.wscales, w8.bias)),
+        (torch.ops.dmq.nvfp4_quantize.default, (x, None, rnv.nvfp4_amax(x, None))),
+        (torch.ops.dmq.nvfp4_linear.default, (x, None, None, None, wn, sn, qn.global_scale, None)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_custom_op_opcheck(i):
+    op, args = _op_samples()[i]
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    if any(isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn for a in args):
+        utils = utils[1:]    # the schema checker multiplies inputs, which CPU fp8 tensors do not support
+    torch.library.opcheck(op, args, test_utils=utils)
+
+
+def test_cpu_op_equals_reference():
+    x = _x(37, 100)
+    pd = (torch.randn(100, 16) / 8).half()
+    for a, b in zip(torch.ops.dmq.quantize_act(x, None, pd, "int4", 64, False),
+                    rq.quantize_act(x, None, pd, "int4", 64, False)):
+        assert torch.equal(a, b)
+
+
+def test_fused_linear_compiles_without_graph_breaks():
+    m, k, n = 9, 128, 32
+    x = _x(m, k)
+    w, s, fmt, g, _ = _weights(n, k, QuantSpec("int4", "group", 64))
+    pd, pu = (torch.randn(k, 32) / 8).half(), (torch.randn(32, n) / 8).half()
+    smooth = (torch.rand(k) + 0.5).half()
+
+    def f(x):
+        return ops.fused_w4a4_lowrank(x, smooth, pd, pu, w, s, None, 64)
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), f(x))
+
+
+# -- layers through the kernel path --------------------------------------------------------------------------------------
+def _triton_ops():
+    """ops namespace whose functions call the Triton launchers directly (the CPU custom ops use the references)."""
+    from dmq.kernels.triton import fp8 as tfp8
+
+    def weight_only(x, w, s, fmt, g, bias):
+        return two.weight_only_linear(x, w, s, fmt, g, bias)
+
+    def quantized_linear(x, smooth, pd, pu, w, s, fmt, wg, bias, adt, ag, out_dtype=None):
+        codes, sc, lr = tq.quantize_act(x, smooth, pd, adt, ag, False)
+        has_lr = pd is not None
+        return tgemm.gemm_int(codes, sc, w, s, fmt, ag, wg, lr if has_lr else None, pu if has_lr else None, bias,
+                              out_dtype or x.dtype)
+
+    return types.SimpleNamespace(quantize_act=tq.quantize_act, gemm_int=tgemm.gemm_int,
+                                 dequantize_weight=two.dequantize_weight, weight_only_linear=weight_only,
+                                 quantized_linear=quantized_linear, fp8_linear=tfp8.fp8_linear,
+                                 nvfp4_linear=tnv.nvfp4_linear)
+
+
+LAYER_SPECS = {  # preset-like (weight, activation) pairs
+    "w8a8": (QuantSpec("int8", "channel"), QuantSpec("int8", "token")),
+    "w4a8": (QuantSpec("int4", "group", 128), QuantSpec("int8", "token")),
+    "w4a4": (QuantSpec("int4", "group", 64), QuantSpec("int4", "group", 64)),
+    "w4a4-channel": (QuantSpec("int4", "channel"), QuantSpec("int4", "token")),
+    "w4a16": (QuantSpec("int4", "group", 64), None),
+    "nvfp4": (QuantSpec("nvfp4", "group", 16), QuantSpec("nvfp4", "group", 16)),
+}
+
+
+@pytest.mark.parametrize("name", LAYER_SPECS)
+def test_quant_linear_kernel_path_matches_layer_reference(name, monkeypatch):
+    """Kernel path vs the layer's own reference forward (which rounds dequantized operands to the input dtype):
+    within 1% of max |y|."""
+    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    ws, acts = LAYER_SPECS[name]
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(100, 48).half()
+    layer = QuantLinear.from_module(lin, ws, acts)
+    x = _x(3 if acts is None else 37, 100)
+    assert klinear._path(layer) is not None
+    _close(klinear.linear_forward(layer, x), layer.reference_forward(x), tol=1e-2)
+
+
+def test_unpack_once_strategy_matches(monkeypatch):
+    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    monkeypatch.setattr(klinear, "INT4_GEMM", "unpack")
+    layer = QuantLinear.from_module(torch.nn.Linear(128, 48).half(), *LAYER_SPECS["w4a4"])
+    x = _x(37, 128)
+    _close(klinear.linear_forward(layer, x), layer.reference_forward(x), tol=1e-2)
+
+
+def test_svdquant_forward_matches_formula(monkeypatch):
+    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    k, n, r = 128, 40, 64                             # rank 32 + two LoRAs of 16
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(torch.nn.Linear(k, n).half(), *LAYER_SPECS["w4a4"])
+    layer.smooth = (torch.rand(k) + 0.5).half()
+    layer.proj_down = (torch.randn(k, r) / 8).half()
+    layer.proj_up = (torch.randn(r, n) / 8).half()
+    x = _x(37, k)
+    xs = x.float() / layer.smooth.float()
+    ref = layer.reference_forward(xs.half()) + ((xs @ layer.proj_down.float()) @ layer.proj_up.float()).half()
+    _close(klinear.svdquant_forward(layer, x), ref, tol=1e-2)
+
+
+@pytest.mark.parametrize("acts", [QuantSpec("int8", "token"), QuantSpec("int4", "group", 64), None],
+                         ids=["int8-token", "int4-g64", "weight-only"])
+def test_quant_conv_kernel_path_matches_layer_reference(acts, monkeypatch):
+    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 24, 3, stride=2, padding=1).half()
+    layer = QuantConv2d.from_module(conv, QuantSpec("int4", "group", 64), acts)
+    x = torch.randn(1, 64, 9, 7).half()
+    assert klinear.supported.__name__ and klinear._path(layer) is not None
+    y = klinear.conv_forward(layer, x)
+    _close(y, layer.reference_forward(x), tol=1e-2)
+
+
+def test_dispatch_registration_and_cpu_fallback():
+    layer = QuantLinear.from_module(torch.nn.Linear(64, 16).half(), *LAYER_SPECS["w4a4"])
+    x = _x(3, 64)
+    assert find_kernel(layer, x) is None            # CPU input: the reference forward runs
+    assert not klinear.supported(layer, x)
+    from dmq.kernels import dispatch
+
+    assert any(t is QuantLinear for t, _, _ in dispatch._KERNELS)
+    assert any(t is QuantConv2d for t, _, _ in dispatch._KERNELS)
+
+
+def test_fake_quantize_consistency_of_int4_token_codes():
+    """The per-token int4 path pads odd K to an even count exactly as dmq.formats does."""
+    x = _x(5, 37)
+    codes, s, _ = tq.quantize_act(x, None, None, "int4", 0, False)
+    deq = (codes[:, :37].float() * s[:, None]).half()
+    assert torch.equal(deq, fake_quantize(x, QuantSpec("int4", "token")))
