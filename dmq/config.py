@@ -24,7 +24,8 @@ class QuantConfig:
     16-bit by default; ``exclude`` wins over both. ``needs_calibration``: set by presets whose activation ranges
     or methods need calibration data. rank: SVDQuant's 16-bit low-rank branch for the main layers (0 = none).
     smooth_alpha: SmoothQuant's migration strength α; smoothing is applied when calibration data is given (it is
-    required when ``rank == 0``, where smoothing is the whole method).
+    required when ``rank == 0``, where smoothing is the whole method). split_shortcut: quantize the layers that
+    read a U-Net skip concatenation with one quantizer per channel range (Q-Diffusion).
     """
 
     weight: QuantSpec
@@ -37,6 +38,7 @@ class QuantConfig:
     needs_calibration: bool = False
     rank: int = 0
     smooth_alpha: float | None = None
+    split_shortcut: bool = False
 
     def __post_init__(self) -> None:
         if self.weight.granularity == "token":
@@ -88,6 +90,7 @@ class QuantConfig:
             "needs_calibration": self.needs_calibration,
             "rank": self.rank,
             "smooth_alpha": self.smooth_alpha,
+            "split_shortcut": self.split_shortcut,
         }
 
     @classmethod
@@ -100,7 +103,8 @@ class QuantConfig:
         return cls(weight=QuantSpec.from_dict(d["weight"]), activation=spec(d["activation"]),
                    modulation=spec(d["modulation"]), quantize_convs=d["quantize_convs"],
                    include=tuple(d["include"]), exclude=tuple(d["exclude"]), name=d["name"],
-                   needs_calibration=d["needs_calibration"], rank=d["rank"], smooth_alpha=d["smooth_alpha"])
+                   needs_calibration=d["needs_calibration"], rank=d["rank"], smooth_alpha=d["smooth_alpha"],
+                   split_shortcut=d["split_shortcut"])
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import nn
 
 from dmq.config import QuantConfig
 from dmq.errors import CheckpointMismatchError, ConfigError, DmqError
-from dmq.nn import LAYER_TYPES, QuantGemm
+from dmq.nn import LAYER_TYPES, QuantModule, outermost_quant_modules
 from dmq.pipelines.quantize import DMQ_CONFIG_ATTR
 from dmq.report import LayerEntry, QuantReport
 
@@ -44,8 +44,6 @@ def quantized_components(pipe: Any) -> dict[str, nn.Module]:
     return {name: m for name, m in comps.items() if isinstance(m, nn.Module) and hasattr(m, DMQ_CONFIG_ATTR)}
 
 
-def _quant_layers(model: nn.Module) -> dict[str, QuantGemm]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantGemm)}
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
@@ -55,12 +53,18 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(cfg, default=str))
 
 
+def _owned(key: str, layers: set[str] | dict) -> bool:
+    """Whether a state-dict key belongs to one of the (quantized) modules named in ``layers``."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in layers for i in range(1, len(parts)))
+
+
 def base_fingerprint(model: nn.Module, quantized: set[str]) -> str:
     """sha256 over the name, dtype, shape and bytes of every state-dict tensor that does not belong to a quantized
     layer (``quantized``: module names): the weights that stay 16-bit identify the base model, a fine-tune too."""
     h = hashlib.sha256()
     for key, t in sorted(model.state_dict().items()):
-        if key.rpartition(".")[0] in quantized:
+        if _owned(key, quantized):
             continue
         t = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -71,7 +75,7 @@ def base_fingerprint(model: nn.Module, quantized: set[str]) -> str:
 def _write_component(model: nn.Module, out: Path) -> None:
     from dmq import __version__
 
-    layers = _quant_layers(model)
+    layers = outermost_quant_modules(model)
     out.mkdir()
     # the fingerprint is taken over the kept tensors, which are identical before and after quantization
     qconfig = {
@@ -129,7 +133,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointMismatchError(f"{path} is missing: not a dmq checkpoint directory") from None
 
 
-def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[str, QuantGemm], dict, QuantConfig]:
+def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[str, QuantModule], dict, QuantConfig]:
     """Check that a saved component fits ``model`` and load its tensors; the model is not changed."""
     saved = _read_json(cdir / "config.json")
     qc = saved.get("quantization_config") or {}
@@ -148,7 +152,7 @@ def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[st
         shown = ", ".join(f"{k}: saved {saved_cfg.get(k)!r} vs model {fresh_cfg.get(k)!r}" for k in diff[:5])
         raise CheckpointMismatchError(f"{name}: checkpoint was made for another {type(model).__name__} config "
                                       f"({shown})")
-    if any(isinstance(m, QuantGemm) for m in model.modules()):
+    if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ConfigError(f"{name} is already quantized; load into a fresh floating-point pipeline")
     layers = qc["layers"]
     if base_fingerprint(model, set(layers)) != qc["fingerprint"]:
@@ -164,7 +168,7 @@ def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[st
         # kernels can pick another summation order for a misaligned mmap-ed tensor
         shells[lname] = LAYER_TYPES[spec["type"]].from_layer_spec(spec).to_empty(device=device)
     state = load_file(str(cdir / WEIGHTS_NAME), device=str(device))
-    expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in layers}
+    expected = {k for k in model.state_dict() if not _owned(k, layers)}
     expected |= {f"{lname}.{k}" for lname, shell in shells.items() for k in shell.state_dict()}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]

@@ -4,15 +4,16 @@ import torch
 
 from dmq.errors import UnsupportedModuleError
 from dmq.formats import QuantSpec
-from dmq.nn.base import QuantGemm
+from dmq.nn.base import QuantGemm, QuantModule, outermost_quant_modules
 from dmq.nn.conv import QuantConv2d, unsupported_conv_reason
 from dmq.nn.linear import QuantLinear
+from dmq.nn.split import SplitQuantConv2d
 from dmq.nn.svdquant import SVDQuantConv2d, SVDQuantLinear
 
-LAYER_TYPES: dict[str, type[QuantGemm]] = {
-    cls.__name__: cls for cls in (QuantLinear, QuantConv2d, SVDQuantLinear, SVDQuantConv2d)}
+LAYER_TYPES: dict[str, type[QuantModule]] = {
+    cls.__name__: cls for cls in (QuantLinear, QuantConv2d, SVDQuantLinear, SVDQuantConv2d, SplitQuantConv2d)}
 
-__all__ = ["QuantGemm", "QuantLinear", "QuantConv2d", "SVDQuantLinear", "SVDQuantConv2d", "LAYER_TYPES", "why_unsupported", "quantize_module"]
+__all__ = ["QuantModule", "outermost_quant_modules", "SplitQuantConv2d", "QuantGemm", "QuantLinear", "QuantConv2d", "SVDQuantLinear", "SVDQuantConv2d", "LAYER_TYPES", "why_unsupported", "quantize_module"]
 
 
 def why_unsupported(module: torch.nn.Module) -> str | None:

@@ -11,10 +11,30 @@ from dmq.errors import CalibrationRequiredError, NonFiniteError
 from dmq.formats import Quantized, QuantSpec, dequantize, fake_quantize, quantize, storage_nbytes
 from dmq.kernels.dispatch import find_kernel
 
-__all__ = ["QuantGemm"]
+__all__ = ["QuantModule", "QuantGemm", "outermost_quant_modules"]
 
 
-class QuantGemm(nn.Module):
+class QuantModule(nn.Module):
+    """Base of every module dmq swaps in. Subclasses provide ``nbytes()``, ``layer_spec()`` (JSON-able) and the
+    classmethod ``from_layer_spec(spec)`` that rebuilds an empty module (meta buffers) of the same shapes."""
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    def layer_spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def outermost_quant_modules(model: nn.Module) -> dict[str, QuantModule]:
+    """The dmq modules of ``model`` by name, leaving out those nested inside another dmq module."""
+    found: dict[str, QuantModule] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule) and not any(name.startswith(f"{p}.") for p in found):
+            found[name] = m
+    return found
+
+
+class QuantGemm(QuantModule):
     """Base of quantized layers whose weight is a GEMM operand viewed as ``(N, T, C)`` (see :mod:`dmq.formats`).
 
     Buffers: ``qweight`` (codes: int8 / fp8 ``(N, T * Cp)``, or uint8 ``(N, T * Cp // 2)`` for packed 4-bit),

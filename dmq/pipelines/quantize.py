@@ -18,7 +18,8 @@ from dmq.config import QuantConfig, resolve_config
 from dmq.errors import CalibrationRequiredError, ConfigError, UnsupportedModuleError, UnsupportedPipelineError
 from dmq.formats import QuantSpec
 from dmq.methods.smoothing import smoothing_factors, weight_channel_absmax
-from dmq.nn import QuantGemm, quantize_module, why_unsupported
+from dmq.nn import QuantModule, quantize_module, why_unsupported
+from dmq.nn.split import SplitQuantConv2d
 from dmq.nn.svdquant import SVDQuantConv2d, SVDQuantLinear
 from dmq.pipelines.roles import ArchRoles, matches_any, roles_for
 from dmq.report import LayerEntry, QuantReport
@@ -43,6 +44,7 @@ class LayerPlan:
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
     reason: str = ""
+    splits: tuple[int, ...] = ()
 
 
 def denoiser_name(pipe: Any) -> str:
@@ -66,6 +68,7 @@ def plan_model(model: nn.Module, roles: ArchRoles, config: QuantConfig) -> list[
     """
     plans = []
     used = {p: False for p in config.include + config.exclude}
+    splits = {c: (pt.split,) for pt in roles.concat_points for c in pt.consumers} if config.split_shortcut else {}
     for name, module in model.named_modules():
         if not isinstance(module, _GEMM_TYPES):
             continue
@@ -94,20 +97,23 @@ def plan_model(model: nn.Module, roles: ArchRoles, config: QuantConfig) -> list[
                 plans.append(LayerPlan(name, module, "weight-only", config.modulation, None))
         else:
             action = "quantized" if config.activation is not None else "weight-only"
-            plans.append(LayerPlan(name, module, action, config.weight, config.activation))
+            plans.append(LayerPlan(name, module, action, config.weight, config.activation,
+                                   splits=splits.get(name, ()) if isinstance(module, nn.Conv2d) else ()))
     unused = [p for p, hit in used.items() if not hit]
     if unused:
         raise ConfigError(f"pattern(s) {unused} match no Linear/Conv layer of {type(model).__name__}")
     return plans
 
 
-def build_layer(plan: LayerPlan, config: QuantConfig, act_absmax: torch.Tensor | None, name: str) -> QuantGemm:
+def build_layer(plan: LayerPlan, config: QuantConfig, act_absmax: torch.Tensor | None, name: str) -> QuantModule:
     """The quantized layer for one planned leaf. Main-role layers get SVDQuant's branch when ``config.rank > 0``
     and smoothing when ``config.smooth_alpha`` is set and the input's per-channel abs-max ``(Cin,)`` is known."""
     module = plan.module
     channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
     weight = plan.weight.fitted(channels)
     act = plan.activation.fitted(channels) if plan.activation is not None else None
+    if plan.splits:
+        return SplitQuantConv2d.from_module(module, plan.splits, plan.weight, plan.activation, name)
     smooth = None
     if plan.action == "quantized" and config.smooth_alpha is not None and act_absmax is not None:
         smooth = smoothing_factors(act_absmax, weight_channel_absmax(module), config.smooth_alpha)
@@ -119,12 +125,24 @@ def build_layer(plan: LayerPlan, config: QuantConfig, act_absmax: torch.Tensor |
     return cls.from_module(module, weight, act, name, rank=min(config.rank, n, k), smooth=smooth)
 
 
+def describe_layer(layer: QuantModule) -> str:
+    """The format of a built layer as the report shows it, e.g. ``int4 g64 / int4 g64 + rank-32 branch``."""
+    if isinstance(layer, SplitQuantConv2d):
+        return f"split at {layer.splits}: " + " | ".join(describe_layer(part) for part in layer.parts)
+    fmt = layer.weight_spec.describe() + (f" / {layer.act_spec.describe()}" if layer.act_spec else " / 16-bit act")
+    if getattr(layer, "rank", 0):
+        fmt += f" + rank-{layer.rank} branch"
+    if getattr(layer, "smooth", None) is not None:
+        fmt += " (smoothed)"
+    return fmt
+
+
 def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, component: str = "model",
                   progress: bool = True, act_absmax: dict[str, torch.Tensor] | None = None,
-                  ) -> tuple[list[LayerEntry], dict[str, QuantGemm]]:
+                  ) -> tuple[list[LayerEntry], dict[str, QuantModule]]:
     """Build (without swapping) the quantized layers of one model: its report entries and ``{name: new layer}``.
     ``act_absmax``: per-input-channel activation abs-max by layer name, from calibration (smoothing)."""
-    if any(isinstance(m, QuantGemm) for m in model.modules()):
+    if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ConfigError(f"{component} is already quantized by dmq; start from the floating-point model")
     plans = plan_model(model, roles, config)
     for p in plans:
@@ -133,7 +151,7 @@ def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, compo
                 f"{p.name} carries an accelerate hook (sequential CPU offload?): call dmq.quantize_pipeline before "
                 "enable_sequential_cpu_offload / device_map dispatch")
     todo = [p for p in plans if p.action != "kept"]
-    built: dict[str, QuantGemm] = {}
+    built: dict[str, QuantModule] = {}
     with torch.no_grad():
         for p in tqdm(todo, desc=f"quantizing {component}", disable=not progress, leave=False):
             absmax = act_absmax.get(p.name) if act_absmax else None
@@ -145,16 +163,12 @@ def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, compo
             entries.append(LayerEntry(component, p.name, type(p.module).__name__, "kept", "16-bit", p.reason, fp, fp))
             continue
         layer = built[p.name]
-        fmt = layer.weight_spec.describe() + (f" / {layer.act_spec.describe()}" if layer.act_spec else " / 16-bit act")
-        if getattr(layer, "rank", 0):
-            fmt += f" + rank-{layer.rank} branch"
-        if getattr(layer, "smooth", None) is not None:
-            fmt += " (smoothed)"
-        entries.append(LayerEntry(component, p.name, type(p.module).__name__, p.action, fmt, "", fp, layer.nbytes()))
+        entries.append(LayerEntry(component, p.name, type(p.module).__name__, p.action, describe_layer(layer), "",
+                                  fp, layer.nbytes()))
     return entries, built
 
 
-def commit_model(model: nn.Module, built: dict[str, QuantGemm], config: QuantConfig) -> None:
+def commit_model(model: nn.Module, built: dict[str, QuantModule], config: QuantConfig) -> None:
     """Swap the built layers into ``model`` and mark it as quantized with ``config``."""
     for name, new in built.items():
         parent_name, _, child = name.rpartition(".")
