@@ -146,6 +146,8 @@ def test_gemm_matches_reference(m, case):
     got = tgemm.gemm_int(a, a_s, w, w_s, fmt, ag, wg, lr, up, bias, torch.float16)
     ref = rgemm.gemm_int(a, a_s, w, w_s, fmt, ag, wg, lr, up, bias, torch.float16)
     _close(got, ref)
+    if fmt == "int4b" and m > 1:     # the swapped-operand variant (weight tile as the MMA's first operand)
+        _close(tgemm.gemm_int(a, a_s, w, w_s, fmt, ag, wg, lr, up, bias, torch.float16, swap=True), ref)
 
 
 def test_gemm_rejects_unsupported_layouts():

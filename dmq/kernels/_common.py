@@ -18,14 +18,20 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "interpreting", "next_pow2", "m_bucket", "check", "FLOAT16", "tl_dtype", "bench_fn"]
+__all__ = ["HAS_TRITON", "interpreting", "fixed_config", "next_pow2", "m_bucket", "check", "FLOAT16", "tl_dtype", "bench_fn"]
 
 FLOAT16 = (torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (CPU tests): autotuning is bypassed and a fixed small config is used."""
+    """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fixed_config() -> bool:
+    """Bypass autotuning and launch one fixed small config: under the interpreter (where autotuning crashes) and
+    with ``DMQ_KERNELS_NO_AUTOTUNE=1`` (quick GPU correctness checks)."""
+    return interpreting() or os.environ.get("DMQ_KERNELS_NO_AUTOTUNE", "0") == "1"
 
 
 def next_pow2(n: int) -> int:

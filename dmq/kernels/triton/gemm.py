@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.kernels._common import FLOAT16, bench_fn, check, interpreting, m_bucket, next_pow2
+from dmq.kernels._common import FLOAT16, bench_fn, check, fixed_config, m_bucket, next_pow2
 from dmq.kernels.layouts import blocked_kb
 
 __all__ = ["gemm_int"]
@@ -22,13 +22,19 @@ def _cfg(bm, bn, bkh, warps, stages):
 
 # int8 weights: K step 2 * BKH (two K-halves per iteration; BKH=128 only where the group sizes allow it)
 _INT8_CONFIGS = [_cfg(128, 256, 64, 8, 4), _cfg(128, 256, 128, 8, 2), _cfg(128, 128, 128, 4, 3),
-                 _cfg(256, 128, 64, 8, 4), _cfg(64, 128, 128, 4, 4)]
-_INT8_CONFIGS_64 = [c for c in _INT8_CONFIGS if c.kwargs["BKH"] == 64] + [_cfg(128, 128, 64, 4, 4),
-                                                                         _cfg(64, 128, 64, 4, 4)]
+                 _cfg(256, 128, 64, 8, 4)]
+_INT8_CONFIGS_64 = [_cfg(128, 256, 64, 8, 4), _cfg(256, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
+                    _cfg(64, 128, 64, 4, 4)]
 # blocked int4 weights: the K-half is fixed by the layout (64 codes)
-_INT4_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 3),
-                 _cfg(64, 128, 64, 4, 4), _cfg(256, 128, 64, 8, 3)]
-_KEY = ["M_BUCKET", "N", "K", "R"]
+_INT4_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
+                 _cfg(64, 128, 64, 4, 4)]
+# swapped operands (the weight tile is the MMA's M side): BN plays the role of the MMA's M
+_INT4_SWAP_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(256, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3),
+                      _cfg(128, 64, 64, 4, 4)]
+# default operand order for blocked-int4 weights (set from the H100 measurements in benchmarks/results)
+INT4_SWAP = False
+
+_KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "W_INT4", "HAS_BIAS", "SWAP"]
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -36,7 +42,8 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
                  M, N, K, KW, R, M_BUCKET, GA, GW,
                  stride_am, stride_asm, stride_wn, stride_wsn, stride_lm, stride_ur, stride_om,
                  W_INT4: tl.constexpr, A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_LR: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, BR: tl.constexpr, EVEN_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, SWAP: tl.constexpr, BR: tl.constexpr,
+                 EVEN_K: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -55,10 +62,16 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
     a_rows = a_ptr + rm[:, None] * stride_am
     w_rows = w_ptr + rn[:, None] * stride_wn
 
-    if GROUPED:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP:
+        if GROUPED:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BN, BM), dtype=tl.int32)
     else:
-        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        if GROUPED:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, 2 * BKH):
         k_lo = k0 + rk
         k_hi = k0 + BKH + rk
@@ -80,25 +93,43 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
                 w_lo = tl.load(w_rows + k_lo[None, :], mask=k_lo[None, :] < KW, other=0)
                 w_hi = tl.load(w_rows + k_hi[None, :], mask=k_hi[None, :] < KW, other=0)
         if GROUPED:
-            c_lo = tl.dot(a_lo, tl.trans(w_lo)).to(tl.float32)
-            c_hi = tl.dot(a_hi, tl.trans(w_hi)).to(tl.float32)
+            if SWAP:   # weight tile is the MMA's A operand (may stay in registers), activations the B operand
+                c_lo = tl.dot(w_lo, tl.trans(a_lo)).to(tl.float32)
+                c_hi = tl.dot(w_hi, tl.trans(a_hi)).to(tl.float32)
+            else:
+                c_lo = tl.dot(a_lo, tl.trans(w_lo)).to(tl.float32)
+                c_hi = tl.dot(a_hi, tl.trans(w_hi)).to(tl.float32)
             if A_GROUP:
                 sa_lo = tl.load(as_ptr + rm * stride_asm + k0 // GA).to(tl.float32)
                 sa_hi = tl.load(as_ptr + rm * stride_asm + (k0 + BKH) // GA, mask=(rm * 0 + (k0 + BKH)) < K,
                                 other=0.0).to(tl.float32)
-                c_lo = c_lo * sa_lo[:, None]
-                c_hi = c_hi * sa_hi[:, None]
+                if SWAP:
+                    c_lo = c_lo * sa_lo[None, :]
+                    c_hi = c_hi * sa_hi[None, :]
+                else:
+                    c_lo = c_lo * sa_lo[:, None]
+                    c_hi = c_hi * sa_hi[:, None]
             if W_GROUP:
                 sw_lo = tl.load(ws_ptr + rn * stride_wsn + k0 // GW).to(tl.float32)
                 sw_hi = tl.load(ws_ptr + rn * stride_wsn + (k0 + BKH) // GW, mask=(rn * 0 + (k0 + BKH)) < K,
                                 other=0.0).to(tl.float32)
-                c_lo = c_lo * sw_lo[None, :]
-                c_hi = c_hi * sw_hi[None, :]
+                if SWAP:
+                    c_lo = c_lo * sw_lo[:, None]
+                    c_hi = c_hi * sw_hi[:, None]
+                else:
+                    c_lo = c_lo * sw_lo[None, :]
+                    c_hi = c_hi * sw_hi[None, :]
             acc += c_lo + c_hi
         else:
-            acc = tl.dot(a_lo, tl.trans(w_lo), acc)
-            acc = tl.dot(a_hi, tl.trans(w_hi), acc)
+            if SWAP:
+                acc = tl.dot(w_lo, tl.trans(a_lo), acc)
+                acc = tl.dot(w_hi, tl.trans(a_hi), acc)
+            else:
+                acc = tl.dot(a_lo, tl.trans(w_lo), acc)
+                acc = tl.dot(a_hi, tl.trans(w_hi), acc)
 
+    if SWAP:
+        acc = tl.trans(acc)
     out = acc.to(tl.float32)
     if not A_GROUP:
         out = out * tl.load(as_ptr + rm * stride_asm).to(tl.float32)[:, None]
@@ -124,14 +155,19 @@ _TUNED = {
     "int8": triton.autotune(_INT8_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "int8_64": triton.autotune(_INT8_CONFIGS_64, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "int4b": triton.autotune(_INT4_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
+    "int4b_swap": triton.autotune(_INT4_SWAP_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
 }
 
 
 def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, w_format: str,
              a_group: int, w_group: int, lowrank: torch.Tensor | None, proj_up: torch.Tensor | None,
-             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+             bias: torch.Tensor | None, out_dtype: torch.dtype, swap: bool | None = None) -> torch.Tensor:
     """Triton launcher; same signature as :func:`dmq.kernels.reference.gemm.gemm_int`. Group sizes must be
-    multiples of 64 (one K-half of the tile); R ≤ 256."""
+    multiples of 64 (one K-half of the tile); R ≤ 256. ``swap``: compute the tile as ``W · Aᵀ`` (the unpacked
+    weight is the MMA's first operand, which Hopper can read from registers), then transpose it once; None: the
+    module default :data:`INT4_SWAP` (int4b weights only)."""
+    if swap is None:
+        swap = INT4_SWAP and w_format == "int4b"
     check(a.dim() == 2 and a.dtype == torch.int8, f"a must be int8 (M, K) codes, got {a.dtype} {tuple(a.shape)}")
     check(a.stride(1) == 1, "a must be contiguous along K")
     check(w_format in ("int8", "int4b"), f"w_format must be 'int8' or 'int4b', got {w_format!r}")
@@ -182,15 +218,16 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
             a.stride(0), a_scales.stride(0), w.stride(0), w_scales.stride(0),
             lowrank.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0))
     meta = dict(W_INT4=w_format == "int4b", A_GROUP=a_group > 0, W_GROUP=w_group > 0, HAS_LR=r > 0,
-                HAS_BIAS=bias is not None, GROUPED=bool(a_group or w_group), BR=max(16, next_pow2(r)))
+                HAS_BIAS=bias is not None, GROUPED=bool(a_group or w_group), SWAP=bool(swap),
+                BR=max(16, next_pow2(r)))
 
     def grid(c):
         return (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]),)
 
-    if interpreting():
+    if fixed_config():
         _gemm_h[grid(dict(BM=32, BN=32))](*args, **meta, BM=32, BN=32, BKH=64, GROUP_M=4)
     elif w_format == "int4b":
-        _TUNED["int4b"][grid](*args, **meta)
+        _TUNED["int4b_swap" if swap else "int4b"][grid](*args, **meta)
     elif (a_group % 128 == 0) and (w_group % 128 == 0):
         _TUNED["int8"][grid](*args, **meta)
     else:

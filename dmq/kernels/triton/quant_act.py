@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from dmq.formats import padded_channels
-from dmq.kernels._common import (FLOAT16, bench_fn, check, encode_e4m3, interpreting, m_bucket, next_pow2,
+from dmq.kernels._common import (FLOAT16, bench_fn, check, encode_e4m3, fixed_config, m_bucket, next_pow2,
                                  rint_small)
 from dmq.kernels.reference.quant_act import act_spec
 
@@ -19,7 +19,7 @@ __all__ = ["quantize_act"]
 _TOKEN_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=4, num_stages=2)
                   for bm, bk in ((16, 256), (32, 128), (64, 64))]
 _GROUP_CONFIGS = [triton.Config({"BM": bm}, num_warps=4, num_stages=2) for bm in (16, 32, 64)]
-_KEY = ["M_BUCKET", "KP", "R"]
+_KEY = ["M_BUCKET", "KP", "R", "GROUP", "IS_FP8", "PACK", "HAS_SMOOTH"]
 
 
 @triton.jit
@@ -152,7 +152,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
                 scales.stride(0), proj_down.stride(0) if proj_down is not None else 0, lowrank.stride(0))
         meta = dict(HAS_SMOOTH=smooth is not None, HAS_LR=r > 0, IS_FP8=qdtype == "fp8_e4m3", QMAX=qmax,
                     PACK=bool(pack), GROUP=int(group_size), BR=br)
-        if interpreting():
+        if fixed_config():
             bm = 16
             _quant_act_kernel[(triton.cdiv(m, bm),)](*args, **meta, BM=bm, BK=group_size or 32)
         elif group_size:

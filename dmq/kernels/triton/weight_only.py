@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.kernels._common import FLOAT16, bench_fn, check, decode_e2m1, decode_e4m3, interpreting, next_pow2
+from dmq.kernels._common import FLOAT16, bench_fn, check, decode_e2m1, decode_e4m3, fixed_config, next_pow2
 from dmq.kernels.layouts import blocked_kb
 from dmq.kernels.reference.weight_only import WEIGHT_FORMATS
 
@@ -174,7 +174,7 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
     args = (x, w, s, bias if bias is not None else out, out, m, n, k, kw, max(w_group, 1), ng,
             x.stride(0), w.stride(0), s.stride(0), out.stride(0))
     meta = dict(FMT=_FMT[w_format], W_GROUP=w_group > 0, HAS_BIAS=bias is not None, BM=bm, BKH=64)
-    if interpreting():
+    if fixed_config():
         _gemv_kernel[(triton.cdiv(n, 16),)](*args, **meta, BN=16)
     else:
         _gemv_tuned(bm)[lambda c: (triton.cdiv(n, c["BN"]),)](*args, **meta)
