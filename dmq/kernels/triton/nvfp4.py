@@ -24,15 +24,14 @@ def _nvfp4_quant_kernel(x_ptr, sm_ptr, gs_ptr, c_ptr, s_ptr, M, K, KP, stride_xm
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     g = tl.load(gs_ptr)
     g_safe = tl.where(g > 0, g, 1.0)
-    NG: tl.constexpr = BG // 16
     for k0 in range(0, KP, BG):
         rk = k0 + tl.arange(0, BG)
         xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH)
-        x3 = tl.reshape(xs, (BM, NG, 16))
+        x3 = tl.reshape(xs, (BM, BG // 16, 16))
         amax = tl.max(tl.abs(x3), axis=2)
         s_blk = tl.math.div_rn(tl.math.div_rn(amax, tl.zeros_like(amax) + 6.0), tl.zeros_like(amax) + g_safe)
         code8 = encode_e4m3(tl.minimum(s_blk, 448.0))
-        rg = k0 // 16 + tl.arange(0, NG)
+        rg = k0 // 16 + tl.arange(0, BG // 16)
         tl.store(s_ptr + rm[:, None] * stride_sm + rg[None, :], code8.to(tl.uint8),
                  mask=(rm[:, None] < M) & (rg[None, :] < KP // 16))
         eff = decode_e4m3(code8) * g

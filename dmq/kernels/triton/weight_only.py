@@ -57,7 +57,7 @@ def _group_scale(ws_ptr, rn, kk, stride_wsn, GW, NG, FMT: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, KW, GW, NG,
                  stride_xm, stride_wn, stride_wsn, stride_om,
-                 FMT: tl.constexpr, W_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 FMT: tl.constexpr, W_GROUP: tl.constexpr, HALF_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr):
     pid = tl.program_id(0)
     on = pid * BN + tl.arange(0, BN)
@@ -67,14 +67,23 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, KW, GW, NG,
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, 2 * BKH):
         lo, hi, k_lo, k_hi = _load_halves(w_ptr, rn, k0, KW, stride_wn, rk, FMT, BKH)
-        if W_GROUP:
+        if W_GROUP and not HALF_GROUPS:
             lo = lo * _group_scale(ws_ptr, rn, k_lo, stride_wsn, GW, NG, FMT)
             hi = hi * _group_scale(ws_ptr, rn, k_hi, stride_wsn, GW, NG, FMT)
         x_lo = tl.load(x_ptr + rm[:, None] * stride_xm + k_lo[None, :],
                        mask=(rm[:, None] < M) & (k_lo[None, :] < K), other=0.0).to(tl.float32)
         x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + k_hi[None, :],
                        mask=(rm[:, None] < M) & (k_hi[None, :] < K), other=0.0).to(tl.float32)
-        acc += tl.sum(x_lo[:, None, :] * lo[None, :, :], axis=2) + tl.sum(x_hi[:, None, :] * hi[None, :, :], axis=2)
+        p_lo = tl.sum(x_lo[:, None, :] * lo[None, :, :], axis=2)
+        p_hi = tl.sum(x_hi[:, None, :] * hi[None, :, :], axis=2)
+        if W_GROUP and HALF_GROUPS:   # each K-half lies in one group: scale the partial sums, (BN,) loads
+            g_lo = k0 // GW
+            g_hi = (k0 + BKH) // GW
+            s_lo = tl.load(ws_ptr + rn * stride_wsn + g_lo).to(tl.float32)
+            s_hi = tl.load(ws_ptr + rn * stride_wsn + g_hi, mask=(rn * 0 + g_hi) < NG, other=0.0).to(tl.float32)
+            acc += p_lo * s_lo[None, :] + p_hi * s_hi[None, :]
+        else:
+            acc += p_lo + p_hi
     if not W_GROUP:
         acc = acc * tl.load(ws_ptr + rn).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -173,7 +182,8 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
     bm = max(1, next_pow2(m))
     args = (x, w, s, bias if bias is not None else out, out, m, n, k, kw, max(w_group, 1), ng,
             x.stride(0), w.stride(0), s.stride(0), out.stride(0))
-    meta = dict(FMT=_FMT[w_format], W_GROUP=w_group > 0, HAS_BIAS=bias is not None, BM=bm, BKH=64)
+    meta = dict(FMT=_FMT[w_format], W_GROUP=w_group > 0, HALF_GROUPS=w_group > 0 and w_group % 64 == 0
+                and w_format != "fp4", HAS_BIAS=bias is not None, BM=bm, BKH=64)
     if fixed_config():
         _gemv_kernel[(triton.cdiv(n, 16),)](*args, **meta, BN=16)
     else:
