@@ -35,7 +35,7 @@ from dmq.kernels.layouts import int4_to_blocked
 from dmq.nn.conv import QuantConv2d
 from dmq.nn.linear import QuantLinear
 
-__all__ = ["prepare", "linear_forward", "conv_forward", "svdquant_forward", "register_svdquant",
+__all__ = ["prepare", "prepare_model", "linear_forward", "conv_forward", "svdquant_forward", "register_svdquant",
            "supported", "INT4_GEMM"]
 
 # How int4 weights reach the int8 tensor cores: "int4b" unpacks the blocked layout inside the GEMM's K loop;
@@ -138,6 +138,17 @@ def prepare(layer) -> dict[str, Any]:
              "k_act": k_a}
     layer.__dict__[_CACHE_ATTR] = cache
     return cache
+
+
+def prepare_model(model: torch.nn.Module) -> int:
+    """Convert every quantized layer's weight to its kernel layout now (call after loading and moving the model,
+    before ``torch.compile``, so that compiled graphs only read the cache). Returns the number of layers."""
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, (QuantLinear, QuantConv2d)) and mod.qweight.device.type == "cuda" and _path(mod):
+            prepare(mod)
+            count += 1
+    return count
 
 
 def _int_weight(prep: dict[str, Any]) -> tuple[torch.Tensor, str]:
