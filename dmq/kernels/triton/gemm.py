@@ -42,7 +42,7 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
                  M, N, K, KW, R, M_BUCKET, GA, GW,
                  stride_am, stride_asm, stride_wn, stride_wsn, stride_lm, stride_ur, stride_om,
                  W_INT4: tl.constexpr, A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_LR: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, SWAP: tl.constexpr, BR: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, PAIR: tl.constexpr, SWAP: tl.constexpr, BR: tl.constexpr,
                  EVEN_K: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -92,7 +92,27 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
             else:
                 w_lo = tl.load(w_rows + k_lo[None, :], mask=k_lo[None, :] < KW, other=0)
                 w_hi = tl.load(w_rows + k_hi[None, :], mask=k_hi[None, :] < KW, other=0)
-        if GROUPED:
+        if GROUPED and PAIR:   # both K-halves lie in the same groups: one int32 sum, one rescale
+            if SWAP:
+                c = tl.dot(w_lo, tl.trans(a_lo))
+                c = tl.dot(w_hi, tl.trans(a_hi), c).to(tl.float32)
+            else:
+                c = tl.dot(a_lo, tl.trans(w_lo))
+                c = tl.dot(a_hi, tl.trans(w_hi), c).to(tl.float32)
+            if A_GROUP:
+                sa = tl.load(as_ptr + rm * stride_asm + k0 // GA).to(tl.float32)
+                if SWAP:
+                    c = c * sa[None, :]
+                else:
+                    c = c * sa[:, None]
+            if W_GROUP:
+                sw = tl.load(ws_ptr + rn * stride_wsn + k0 // GW).to(tl.float32)
+                if SWAP:
+                    c = c * sw[:, None]
+                else:
+                    c = c * sw[None, :]
+            acc += c
+        elif GROUPED:
             if SWAP:   # weight tile is the MMA's A operand (may stay in registers), activations the B operand
                 c_lo = tl.dot(w_lo, tl.trans(a_lo)).to(tl.float32)
                 c_hi = tl.dot(w_hi, tl.trans(a_hi)).to(tl.float32)
@@ -150,7 +170,13 @@ def _even_k(args):
     return args["K"] % (2 * args["BKH"]) == 0
 
 
-_gemm_h = triton.heuristics({"EVEN_K": _even_k})(_gemm_kernel)
+def _pair(args):
+    """Both K-halves of a step lie in the same scale groups (e.g. g128 with 64-wide halves)."""
+    step = 2 * args["BKH"]
+    return args["GA"] % step == 0 and args["GW"] % step == 0
+
+
+_gemm_h = triton.heuristics({"EVEN_K": _even_k, "PAIR": _pair})(_gemm_kernel)
 _TUNED = {
     "int8": triton.autotune(_INT8_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "int8_64": triton.autotune(_INT8_CONFIGS_64, key=_KEY, do_bench=bench_fn)(_gemm_h),
