@@ -313,8 +313,11 @@ def _triton_ops():
     """ops namespace whose functions call the Triton launchers directly (the CPU custom ops use the references)."""
     from dmq.kernels.triton import fp8 as tfp8
 
-    def weight_only(x, w, s, fmt, g, bias):
-        return two.weight_only_linear(x, w, s, fmt, g, bias)
+    def weight_only(x, w, s, fmt, g, bias):     # as the CUDA op: GEMV for M ≤ 16, else dequantize + F.linear
+        if x.shape[0] <= two.GEMV_MAX_M:
+            return two.weight_only_linear(x, w, s, fmt, g, bias)
+        wd = two.dequantize_weight(w, s, fmt, g, x.shape[1], x.dtype)
+        return torch.nn.functional.linear(x, wd, bias.to(x.dtype) if bias is not None else None)
 
     def quantized_linear(x, smooth, pd, pu, w, s, fmt, wg, bias, adt, ag, out_dtype=None):
         codes, sc, lr = tq.quantize_act(x, smooth, pd, adt, ag, False)
