@@ -25,7 +25,7 @@ import torch
 
 from dmq.calibration.stats import LayerStats, StatsView
 from dmq.errors import ConfigError, NonFiniteError
-from dmq.formats import QuantSpec, dequantize, quantize
+from dmq.formats import QuantSpec, fp4_decode, fp4_encode
 
 __all__ = ["estimate_scale", "estimate_bucket_scales", "activation_scales", "apply_input_scales", "channel_absmax",
            "METHODS"]
@@ -60,25 +60,39 @@ def _hist_percentile(view: StatsView, q: float) -> float:
     return min((i + min(max(frac, 0.0), 1.0)) * width, view.absmax)
 
 
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Symmetric fake quantization with broadcast scales, exactly as :func:`dmq.formats.quantize` /
+    ``dequantize`` compute it for a static fp32 scale (vectorized over candidate scales)."""
+    qt = spec.qtype
+    s = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = x / s
+    if spec.dtype == "fp8_e4m3":
+        q = y.clamp(qt.qmin, qt.qmax).to(torch.float8_e4m3fn).to(torch.float32)
+    elif spec.dtype == "fp4_e2m1":
+        q = fp4_decode(fp4_encode(y.clamp(qt.qmin, qt.qmax)))
+    else:
+        q = torch.round(y).clamp(qt.qmin, qt.qmax)
+    return q * s
+
+
 def _mse_clip(values: torch.Tensor, amax: torch.Tensor, spec: QuantSpec, grid: int, min_ratio: float,
               norm: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Best clip per row of ``values`` (R, N) given the rows' abs-max (R,); ``weights`` (R, N): how many values
     each entry stands for (histogram search), else every entry counts once."""
-    tspec = QuantSpec(spec.dtype, "channel", symmetric=True, dynamic=False)
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax.clone()
-    x3 = values.to(torch.float32).unsqueeze(1)  # (R, 1, N): one scale per row
-    w = None if weights is None else (weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-30)).unsqueeze(1)
-    for r in torch.linspace(min_ratio, 1.0, grid).tolist():
-        clip = amax * r
-        scale = _to_scale(clip, spec)
-        y = dequantize(quantize(x3, tspec, scale), tspec, x3.shape[-1])
-        e = (y - x3).abs().pow(norm)
-        err = e.mean(dim=(1, 2)) if w is None else (e.double() * w).sum(dim=(1, 2)).float()
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, clip, best)
-    return best
+    x = values.to(torch.float32)
+    r, n = x.shape
+    w = None if weights is None else (weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-30)).float()
+    ratios = torch.linspace(min_ratio, 1.0, grid, device=x.device)
+    errs = []
+    step = max(1, (1 << 23) // max(r * n, 1))  # candidates per chunk: bounded temporary memory
+    for c0 in range(0, grid, step):
+        clip = amax.to(torch.float32).unsqueeze(0) * ratios[c0:c0 + step].unsqueeze(1)  # (G, R)
+        scale = _to_scale(clip, spec).unsqueeze(-1)  # (G, R, 1)
+        e = (_fake_quant(x.unsqueeze(0), scale, spec) - x.unsqueeze(0)).abs().pow(norm)  # (G, R, N)
+        errs.append(e.mean(dim=-1) if w is None else (e * w.unsqueeze(0)).sum(dim=-1))
+    err = torch.cat(errs)  # (grid, R)
+    best = torch.argmin(err, dim=0)  # first minimum: the smallest ratio among ties
+    return amax.to(torch.float32) * ratios[best]
 
 
 def estimate_scale(stats: LayerStats | StatsView | torch.Tensor, spec: QuantSpec, method: str = "minmax", *,
