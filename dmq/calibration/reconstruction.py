@@ -232,9 +232,9 @@ class _Rounding:
 
     @staticmethod
     def codes_of(layer: QuantGemm) -> torch.Tensor:
-        """Signed int8 codes ``(N, T, Cp)`` of the stored weight."""
+        """Signed int8 codes ``(N, T, Cp)`` of the stored weight (a copy)."""
         codes = layer.quantized_weight().codes
-        return unpack_int4(codes) if layer.weight_spec.qtype.packed else codes.to(torch.int8)
+        return unpack_int4(codes) if layer.weight_spec.qtype.packed else codes.to(torch.int8, copy=True)
 
     def h(self) -> torch.Tensor:
         return (torch.sigmoid(self.V) * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
