@@ -474,3 +474,56 @@ def test_block_records_in_memory_and_on_disk(tmp_path):
 
 def test_timestep_bucket():
     assert [timestep_bucket(t, 4) for t in (0.0, 0.24, 0.25, 0.99, 1.0)] == [0, 0, 1, 3, 3]
+
+
+def test_channel_slices_for_split_layers():
+    pipe = pipe_of("sd")
+    conv = "up_blocks.0.resnets.0.conv1"
+    cin = pipe.unet.get_submodule(conv).in_channels
+    res = collect(pipe, [conv, f"{conv}[0:64]", f"{conv}[64:{cin}]"], calib("sd"), progress=False)
+    full = channel_absmax(res.stats[conv])
+    assert torch.equal(channel_absmax(res.stats[f"{conv}[0:64]"]), full[:64])
+    assert torch.equal(channel_absmax(res.stats[f"{conv}[64:{cin}]"]), full[64:])
+    assert res.stats[f"{conv}[0:64]"].view().count * (cin - 64) == res.stats[f"{conv}[64:{cin}]"].view().count * 64
+    with pytest.raises(ConfigError, match="channel range"):
+        collect(pipe, [f"{conv}[0:{cin + 1}]"], calib("sd"), progress=False)
+
+
+@pytest.mark.parametrize("family", ["sd", "pixart"])
+def test_static_activation_calibration_end_to_end(family):
+    """Plan with a static-activation config (and split shortcuts on the U-Net), calibrate every static quantizer
+    in one run, swap, and run the pipeline: no layer is left uncalibrated."""
+    from dmq.calibration.estimators import calibrate_activation_scales, static_activation_targets
+    from dmq.config import QuantConfig
+    from dmq.nn.split import SplitQuantConv2d
+    from dmq.pipelines.quantize import commit_model, prepare_model
+    from dmq.pipelines.roles import roles_for
+
+    pipe = tp.build_pipeline(family)
+    den = tp.get_denoiser(pipe)
+    qc = QuantConfig(QuantSpec("int8", "channel"), STATIC_I8, needs_calibration=True,
+                     split_shortcut=family == "sd")
+    _, built = prepare_model(den, qc, roles_for(den), progress=False)
+    targets = static_activation_targets(built)
+    if family == "sd":
+        assert any(isinstance(m, SplitQuantConv2d) for m in built.values())
+        assert any(n.endswith("]") for n in targets)
+    assert all(torch.isnan(t.input_scale) for t in targets.values())
+    res = calibrate_activation_scales(pipe, built, calib(family, num_inference_steps=2), progress=False)
+    assert set(res.stats) == set(targets)
+    assert all(torch.isfinite(t.input_scale) and t.input_scale > 0 for t in targets.values())
+    commit_model(den, built, qc)
+    out = tp.call_pipeline(pipe, family, steps=2)
+    assert torch.isfinite(out).all()
+
+
+def test_heun_two_evaluations_per_step_map_to_one_timestep():
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = tp.build_pipeline("sd")
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    res = collect(pipe, ["down_blocks.0.resnets.0.conv1"], calib("sd", num_inference_steps=4, num_timesteps=2),
+                  progress=False)
+    assert len(pipe.scheduler.timesteps) == 7 and len(res.timesteps) == 4  # 2N - 1 calls, N distinct timesteps
+    assert [c.step for c in res.calls] == [0, 1, 1, 2, 2, 3, 3]
+    assert [c.step for c in res.calls if c.recorded] == [0, 3, 3]  # both evaluations of the last step

@@ -189,3 +189,18 @@ def test_find_blocks():
     assert find_blocks(tp.build_pipeline("flux").transformer) == ["transformer_blocks.0",
                                                                   "single_transformer_blocks.0"]
     assert find_blocks(tp.build_pipeline("dit").transformer) == ["transformer_blocks.0", "transformer_blocks.1"]
+
+
+def test_split_shortcut_parts_are_reconstructed_against_their_channel_range():
+    from dmq.nn.split import SplitQuantConv2d
+
+    fp = conv_block()
+    q = copy.deepcopy(fp)
+    q[0] = SplitQuantConv2d.from_module(fp[0], (12,), QuantSpec("int4", "channel"), A8)
+    q[2] = quantize_module(fp[2], QuantSpec("int4", "channel"), A8)
+    before = [p.qweight.clone() for p in q[0].parts]
+    rep = reconstruct_block(fp, q, toy_records(fp, (4, 32, 8, 8), 8, 0), toy_records(fp, (4, 32, 8, 8), 3, 1),
+                            config=ReconstructionConfig(iters=60, keep_if_worse=True))
+    assert rep.layers == ["block.0.parts.0", "block.0.parts.1", "block.2"]
+    assert rep.train_mse_after < rep.train_mse_before
+    assert any(not torch.equal(b, p.qweight) for b, p in zip(before, q[0].parts))

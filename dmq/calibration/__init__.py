@@ -21,6 +21,8 @@ _EXPORTS = {
     "activation_scales": "dmq.calibration.estimators",
     "apply_input_scales": "dmq.calibration.estimators",
     "channel_absmax": "dmq.calibration.estimators",
+    "static_activation_targets": "dmq.calibration.estimators",
+    "calibrate_activation_scales": "dmq.calibration.estimators",
     "ReconstructionConfig": "dmq.calibration.reconstruction",
     "reconstruct_block": "dmq.calibration.reconstruction",
     "reconstruct_blocks": "dmq.calibration.reconstruction",

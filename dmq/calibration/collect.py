@@ -42,7 +42,7 @@ from dmq.calibration.stats import LayerStats, StatsConfig
 from dmq.errors import ConfigError, NonFiniteError, UnsupportedPipelineError
 
 __all__ = ["collect", "collect_block_inputs", "CalibrationResult", "CallRecord", "BlockRecord", "find_denoiser",
-           "timestep_bucket"]
+           "timestep_bucket", "parse_layer_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,25 @@ def find_denoiser(pipe: Any) -> tuple[str, nn.Module]:
         if isinstance(m, nn.Module):
             return attr, m
     raise UnsupportedPipelineError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer` component")
+
+
+def _dmq_module_types() -> tuple[type, ...]:
+    from dmq.nn import base
+
+    return (getattr(base, "QuantModule", base.QuantGemm),)
+
+
+def parse_layer_name(name: str) -> tuple[str, tuple[int, int] | None]:
+    """``"conv1"`` → ``("conv1", None)``; ``"conv1[0:128]"`` → ``("conv1", (0, 128))``: statistics of input
+    channels ``[a, b)`` only (e.g. one part of a split-shortcut layer)."""
+    if not name.endswith("]") or "[" not in name:
+        return name, None
+    base, _, rng = name[:-1].rpartition("[")
+    try:
+        a, b = (int(v) for v in rng.split(":"))
+    except ValueError:
+        raise ConfigError(f"bad channel range in layer name {name!r}; expected 'name[a:b]'") from None
+    return base, (a, b)
 
 
 def timestep_bucket(t_norm: float, num_buckets: int) -> int:
@@ -247,9 +266,7 @@ class _Collector:
                  blocks: list[str], max_block_records: int) -> None:
         self.pipe, self.config, self.stats_config = pipe, config, stats
         self.den_attr, self.den = find_denoiser(pipe)
-        from dmq.nn.base import QuantGemm
-
-        quantized = [n for n, m in self.den.named_modules() if isinstance(m, QuantGemm)]
+        quantized = [n for n, m in self.den.named_modules() if isinstance(m, _dmq_module_types())]
         if quantized:
             raise ConfigError(f"{self.den_attr} is already quantized by dmq (e.g. {quantized[0]}); calibrate the "
                               "floating-point denoiser, before quantize_pipeline swaps its layers")
@@ -257,14 +274,21 @@ class _Collector:
         self._check_inputs()
         modules = dict(self.den.named_modules())
         self.layers: dict[str, nn.Module] = {}
+        # statistics name -> (module name, channel slice or None)
+        self.targets: dict[str, tuple[str, tuple[int, int] | None]] = {}
         for name in dict.fromkeys(layer_names):
-            m = modules.get(name)
+            mname, sl = parse_layer_name(name)
+            m = modules.get(mname)
             if m is None:
-                raise ConfigError(f"{self.den_attr} has no module {name!r} to calibrate")
+                raise ConfigError(f"{self.den_attr} has no module {mname!r} to calibrate")
             if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-                raise ConfigError(f"{self.den_attr}.{name} is a {type(m).__name__}; collection hooks Linear and "
+                raise ConfigError(f"{self.den_attr}.{mname} is a {type(m).__name__}; collection hooks Linear and "
                                   "Conv layers only")
-            self.layers[name] = m
+            cin = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            if sl is not None and not (0 <= sl[0] < sl[1] <= cin):
+                raise ConfigError(f"{name}: channel range outside the layer's {cin} input channels")
+            self.layers[mname] = m
+            self.targets[name] = (mname, sl)
         self.blocks: dict[str, nn.Module] = {}
         for name in dict.fromkeys(blocks):
             if name not in modules:
@@ -276,9 +300,12 @@ class _Collector:
             raise ConfigError(f"max_block_records must be >= 1, got {max_block_records}")
         self.max_block_records = max_block_records
         nb = config.per_timestep_buckets
-        self.stats = {n: LayerStats(n, 1 if isinstance(m, nn.modules.conv._ConvNd) else -1, stats, nb,
+        self.stats = {n: LayerStats(n, 1 if isinstance(self.layers[mn], nn.modules.conv._ConvNd) else -1, stats, nb,
                                     seed=config.seed * 7919 + i)
-                      for i, (n, m) in enumerate(self.layers.items())}
+                      for i, (n, (mn, _)) in enumerate(self.targets.items())}
+        self.by_module: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+        for n, (mn, sl) in self.targets.items():
+            self.by_module.setdefault(mn, []).append((n, sl))
         self.records: dict[str, list[BlockRecord]] = {n: [] for n in self.blocks}
         self._record_seen = {n: 0 for n in self.blocks}
         self._record_gen = torch.Generator().manual_seed(config.seed + 104729)
@@ -406,15 +433,19 @@ class _Collector:
         if self.phase == "features" and step >= 0 and (b, step) not in self.features and isinstance(x, torch.Tensor):
             self.features[(b, step)] = latent_features(x)
 
-    def layer_hook(self, name: str, module: nn.Module, args: tuple) -> None:
+    def layer_hook(self, mname: str, module: nn.Module, args: tuple) -> None:
         if not self.recording or not args or not isinstance(args[0], torch.Tensor):
             return
-        mn, mx = self.stats[name].update(args[0], self.bucket)
-        if not (mn == mn and mx == mx and abs(mn) != float("inf") and abs(mx) != float("inf")):
-            raise NonFiniteError(
-                f"{self.den_attr}.{name}: its input contains NaN or Inf at timestep {self.raw_cur:g} "
-                f"(normalized t={self.t_cur:.4f}, step {self.step}, calibration batch {self.batch}); calibration "
-                "stopped and nothing was changed")
+        x = args[0]
+        for name, sl in self.by_module[mname]:
+            st = self.stats[name]
+            xs = x if sl is None else x.narrow(st.channel_dim % x.dim(), sl[0], sl[1] - sl[0])
+            mn, mx = st.update(xs, self.bucket)
+            if not (mn == mn and mx == mx and abs(mn) != float("inf") and abs(mx) != float("inf")):
+                raise NonFiniteError(
+                    f"{self.den_attr}.{name}: its input contains NaN or Inf at timestep {self.raw_cur:g} "
+                    f"(normalized t={self.t_cur:.4f}, step {self.step}, calibration batch {self.batch}); "
+                    "calibration stopped and nothing was changed")
 
     def block_hook(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.recording:
@@ -503,7 +534,8 @@ def collect(pipe: Any, layer_names: Sequence[str], config: CalibrationConfig, *,
             stats: StatsConfig = StatsConfig(), blocks: Sequence[str] = (), max_block_records: int = 32,
             progress: bool = True) -> CalibrationResult:
     """Run ``pipe`` on the calibration data and stream the inputs of ``layer_names`` (module names inside the
-    denoiser, Linear or Conv) into fixed-size statistics; optionally record the call inputs of ``blocks`` (module
+    denoiser, Linear or Conv; ``"name[a:b]"`` keeps statistics of input channels ``[a, b)`` only, as a
+    split-shortcut layer's parts need) into fixed-size statistics, keyed by the given names; optionally record the call inputs of ``blocks`` (module
     names inside the denoiser), at most ``max_block_records`` per block (a uniform random subset of the recorded
     calls, in memory or under ``config.cache_dir``).
 

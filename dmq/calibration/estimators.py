@@ -28,7 +28,7 @@ from dmq.errors import ConfigError, NonFiniteError
 from dmq.formats import QuantSpec, fp4_decode, fp4_encode
 
 __all__ = ["estimate_scale", "estimate_bucket_scales", "activation_scales", "apply_input_scales", "channel_absmax",
-           "METHODS"]
+           "static_activation_targets", "calibrate_activation_scales", "METHODS"]
 
 METHODS = ("minmax", "percentile", "mse")
 _MIN_SCALE = 1e-12
@@ -227,3 +227,39 @@ def apply_input_scales(layers: Mapping[str, torch.nn.Module], scales: Mapping[st
         for name, scale in scales.items():
             buf = layers[name].input_scale
             buf.copy_(scale.to(device=buf.device, dtype=buf.dtype))
+
+
+def static_activation_targets(built: Mapping[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The layers among ``built`` (module name → dmq module, e.g. from ``prepare_model``) whose activation
+    quantizer is static, keyed by the statistics name :func:`~dmq.calibration.collect.collect` takes: the module
+    name, or ``"name[a:b]"`` for each part of a split-shortcut layer (its input channels ``[a, b)``)."""
+    out: dict[str, torch.nn.Module] = {}
+    for name, layer in built.items():
+        parts = getattr(layer, "parts", None)
+        if parts is not None and hasattr(layer, "bounds"):
+            for (a, b), part in zip(layer.bounds, parts):
+                if getattr(part, "input_scale", None) is not None:
+                    out[f"{name}[{a}:{b}]"] = part
+        elif getattr(layer, "input_scale", None) is not None:
+            out[name] = layer
+    return out
+
+
+def calibrate_activation_scales(pipe, built: Mapping[str, torch.nn.Module], config, *, method: str = "mse",
+                                stats=None, progress: bool = True, **estimator_kwargs):
+    """Calibrate every static activation quantizer among ``built`` in one collection run on ``pipe`` (whose
+    denoiser must still be the floating-point one, i.e. before ``commit_model``) and write the scales into their
+    ``input_scale`` buffers (all estimated before any is written). Returns the
+    :class:`~dmq.calibration.collect.CalibrationResult` (its ``stats`` also give per-channel abs-max and, with
+    ``per_timestep_buckets``, per-bucket ranges)."""
+    from dmq.calibration.collect import collect
+    from dmq.calibration.stats import StatsConfig
+
+    targets = static_activation_targets(built)
+    if not targets:
+        raise ConfigError("none of the given layers has a static activation quantizer to calibrate")
+    result = collect(pipe, list(targets), config, stats=stats or StatsConfig(), progress=progress)
+    scales = activation_scales(result.stats, {n: layer.act_spec for n, layer in targets.items()}, method,
+                               **estimator_kwargs)
+    apply_input_scales(targets, scales)
+    return result

@@ -270,6 +270,24 @@ def _float_weight3(module: nn.Module) -> torch.Tensor:
     raise ConfigError(f"no float weight layout for {type(module).__name__}")
 
 
+def _float_weight_for(fp_block: nn.Module, q_block: nn.Module, lname: str, block: str) -> torch.Tensor:
+    """The float ``(N, T, C)`` weight behind the QuantGemm ``lname`` of ``q_block``: the float layer of the same
+    name, or, for part ``i`` of a split-shortcut layer (``<split>.parts.<i>``), the input-channel range of the
+    float layer it was cut from."""
+    parent, _, idx = lname.rpartition(".")
+    owner_name, _, attr = parent.rpartition(".")
+    if attr == "parts" and idx.isdigit():
+        owner = q_block.get_submodule(owner_name) if owner_name else q_block
+        if hasattr(owner, "bounds"):
+            a, b = owner.bounds[int(idx)]
+            fp = fp_block.get_submodule(owner_name) if owner_name else fp_block
+            return _float_weight3(fp)[..., a:b]
+    try:
+        return _float_weight3(fp_block.get_submodule(lname))
+    except AttributeError:
+        raise ConfigError(f"{block}.{lname}: the float block has no layer of that name") from None
+
+
 @contextlib.contextmanager
 def _patched(roundings: Sequence[_Rounding], soft: bool, act_quant: bool) -> Iterator[None]:
     """Temporarily route each layer through its reference forward, with the soft weight (when ``soft``) and a
@@ -344,11 +362,7 @@ def reconstruct_block(fp_block: nn.Module, q_block: nn.Module, train: Sequence[B
     for lname, layer in q_block.named_modules():
         if not isinstance(layer, QuantGemm):
             continue
-        try:
-            fp_layer = fp_block.get_submodule(lname)
-        except AttributeError:
-            raise ConfigError(f"{name}.{lname}: the float block has no layer of that name") from None
-        roundings.append(_Rounding(f"{name}.{lname}", layer, _float_weight3(fp_layer)))
+        roundings.append(_Rounding(f"{name}.{lname}", layer, _float_weight_for(fp_block, q_block, lname, name)))
     if not roundings:
         return BlockReport(name, [], 0, 0.0, float("nan"), float("nan"), notes=["no quantized layer in block"])
     if config.act_quant:
@@ -432,11 +446,11 @@ def reconstruct_block(fp_block: nn.Module, q_block: nn.Module, train: Sequence[B
 # a whole denoiser
 
 
-def reconstruct_blocks(model: nn.Module, built: Mapping[str, QuantGemm],
+def reconstruct_blocks(model: nn.Module, built: Mapping[str, nn.Module],
                        block_inputs: Mapping[str, Sequence[BlockRecord]], *,
                        config: ReconstructionConfig = ReconstructionConfig(), heldout_fraction: float = 0.25,
                        progress: bool = True) -> dict[str, BlockReport]:
-    """Reconstruct the quantized layers ``built`` (full module names in ``model`` → QuantGemm, as returned by
+    """Reconstruct the quantized layers ``built`` (full module names in ``model`` → dmq layer, as returned by
     :func:`dmq.pipelines.quantize.prepare_model`, before they are swapped in) block by block, against the float
     ``model``, on ``block_inputs`` (block name → recorded calls, from :func:`collect` with ``blocks=``). Each
     block's records are split by :func:`split_records` into training and held-out sets. The built layers' codes
