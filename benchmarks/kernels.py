@@ -462,6 +462,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--check", action="store_true", help="GPU correctness checks before timing")
+    ap.add_argument("--check-last", action="store_true", help="GPU correctness checks after timing")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
     ap.add_argument("--results-dir", default=os.environ.get("DMQ_RESULTS_DIR", str(RESULTS_DIR)))
@@ -497,6 +498,8 @@ def main() -> None:
             (run_gemv_case if m <= 16 else run_gemm_case)(cname, m, k, n, dev, rows)
             print(f"-- {cname} took {time.time() - t1:.0f}s (total {time.time() - t0:.0f}s)")
             write_results(name, rows, Path(args.results_dir))
+    if args.check_last:
+        run_checks(dev, rows)
     path = write_results(name, rows, Path(args.results_dir))
     print(f"wrote {path}  ({time.time() - t0:.0f}s)")
 
