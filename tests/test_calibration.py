@@ -527,3 +527,18 @@ def test_heun_two_evaluations_per_step_map_to_one_timestep():
     assert len(pipe.scheduler.timesteps) == 7 and len(res.timesteps) == 4  # 2N - 1 calls, N distinct timesteps
     assert [c.step for c in res.calls] == [0, 1, 1, 2, 2, 3, 3]
     assert [c.step for c in res.calls if c.recorded] == [0, 3, 3]  # both evaluations of the last step
+
+
+
+def test_low_precision_timesteps_still_match_the_schedule():
+    """FLUX-dev runs in bf16 and passes t / 1000 in bf16: rounding must not make a call look off-schedule."""
+    from dmq.calibration.collect import match_step
+
+    sig = torch.linspace(1, 1 / 50, 50, dtype=torch.float64)
+    shift = math.exp(1.15)  # FLUX-dev's dynamic shift at 1024 px
+    sched = (shift * sig / (1 + (shift - 1) * sig) * 1000).tolist()
+    for i, t in enumerate(sched):
+        passed = float(torch.tensor(t / 1000).to(torch.bfloat16)) * 1000
+        assert match_step(passed, sched, torch.bfloat16) == i
+        assert match_step(t, sched, torch.float32) == i
+    assert match_step(sched[10] + 0.5 * (sched[9] - sched[10]) + 1.0, sched[10:12], torch.float32) == -1

@@ -42,7 +42,7 @@ from dmq.calibration.stats import LayerStats, StatsConfig
 from dmq.errors import ConfigError, NonFiniteError, UnsupportedPipelineError
 
 __all__ = ["collect", "collect_block_inputs", "CalibrationResult", "CallRecord", "BlockRecord", "find_denoiser",
-           "timestep_bucket", "parse_layer_name"]
+           "timestep_bucket", "parse_layer_name", "match_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,20 @@ def parse_layer_name(name: str) -> tuple[str, tuple[int, int] | None]:
     except ValueError:
         raise ConfigError(f"bad channel range in layer name {name!r}; expected 'name[a:b]'") from None
     return base, (a, b)
+
+
+def match_step(raw: float, timesteps: Sequence[float], dtype: torch.dtype | None = None) -> int:
+    """Index of the schedule timestep a denoiser call's timestep ``raw`` stands for, or -1 when it is off the
+    schedule. Tolerance: half the distance to the neighbouring timesteps, widened to the rounding of ``dtype``
+    (FLUX-dev passes ``t / 1000`` in bf16: about 2 timestep units near t = 1000, more than half the spacing of
+    a 50-step shifted schedule there)."""
+    d = [abs(raw - t) for t in timesteps]
+    step = min(range(len(d)), key=d.__getitem__)
+    near = [abs(timesteps[step] - timesteps[j]) for j in (step - 1, step + 1) if 0 <= j < len(timesteps)]
+    tol = max(0.5 * min(near) if near else 1.0, 1e-3)
+    if dtype is not None:
+        tol = max(tol, 2 * torch.finfo(dtype).eps * max(abs(raw), 1.0))
+    return step if d[step] <= tol else -1
 
 
 def timestep_bucket(t_norm: float, num_buckets: int) -> int:
@@ -412,11 +426,8 @@ class _Collector:
         if not self.run_started:
             self._start_run(v)
         raw = v * self.scale
-        d = [abs(raw - t) for t in self.timesteps]
-        step = min(range(len(d)), key=d.__getitem__)
-        spacing = min((abs(a - b) for a, b in zip(self.timesteps, self.timesteps[1:])), default=1.0)
-        if d[step] > max(0.25 * spacing, 1e-3):
-            step = -1  # off the schedule (e.g. an extra evaluation): never recorded
+        dtype = t_arg.dtype if isinstance(t_arg, torch.Tensor) and t_arg.is_floating_point() else None
+        step = match_step(raw, self.timesteps, dtype)
         b = self.batch
         row = self.mask[b]
         last = int(row.nonzero().max()) if row.any() else -1
@@ -535,9 +546,9 @@ def collect(pipe: Any, layer_names: Sequence[str], config: CalibrationConfig, *,
             progress: bool = True) -> CalibrationResult:
     """Run ``pipe`` on the calibration data and stream the inputs of ``layer_names`` (module names inside the
     denoiser, Linear or Conv; ``"name[a:b]"`` keeps statistics of input channels ``[a, b)`` only, as a
-    split-shortcut layer's parts need) into fixed-size statistics, keyed by the given names; optionally record the call inputs of ``blocks`` (module
-    names inside the denoiser), at most ``max_block_records`` per block (a uniform random subset of the recorded
-    calls, in memory or under ``config.cache_dir``).
+    split-shortcut layer's parts need) into fixed-size statistics, keyed by the given names; optionally record the
+    call inputs of ``blocks`` (module names inside the denoiser), at most ``max_block_records`` per block (a
+    uniform random subset of the recorded calls, in memory or under ``config.cache_dir``).
 
     Only the sampler-selected (batch, timestep) pairs are recorded; a run stops as soon as it has nothing left to
     record. With the ``eda`` sampler the pipeline runs twice (latent features first, then recording).
