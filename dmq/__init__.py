@@ -20,6 +20,7 @@ _EXPORTS = {
     "save_quantized": "dmq.serialization",
     "load_quantized": "dmq.serialization",
     "QuantConfig": "dmq.config",
+    "CalibrationConfig": "dmq.calibration.config",
     "list_presets": "dmq.config",
     "get_preset": "dmq.config",
     "QuantSpec": "dmq.formats",

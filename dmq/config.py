@@ -25,7 +25,9 @@ class QuantConfig:
     or methods need calibration data. rank: SVDQuant's 16-bit low-rank branch for the main layers (0 = none).
     smooth_alpha: SmoothQuant's migration strength α; smoothing is applied when calibration data is given (it is
     required when ``rank == 0``, where smoothing is the whole method). split_shortcut: quantize the layers that
-    read a U-Net skip concatenation with one quantizer per channel range (Q-Diffusion).
+    read a U-Net skip concatenation with one quantizer per channel range (Q-Diffusion). act_estimator: how static
+    activation ranges are estimated from calibration statistics (``minmax``, ``percentile`` or ``mse``).
+    reconstruct: learn the weight rounding block by block on calibration data (BRECQ/AdaRound, as Q-Diffusion).
     """
 
     weight: QuantSpec
@@ -39,6 +41,8 @@ class QuantConfig:
     rank: int = 0
     smooth_alpha: float | None = None
     split_shortcut: bool = False
+    act_estimator: str = "mse"
+    reconstruct: bool = False
 
     def __post_init__(self) -> None:
         if self.weight.granularity == "token":
@@ -51,6 +55,10 @@ class QuantConfig:
                                   "scales); use 'token', 'group' or 'tensor'")
             if not self.activation.dynamic and not self.needs_calibration:
                 raise ConfigError("static activation ranges need calibration: set needs_calibration=True")
+        if self.act_estimator not in ("minmax", "percentile", "mse"):
+            raise ConfigError(f"act_estimator must be 'minmax', 'percentile' or 'mse', got {self.act_estimator!r}")
+        if self.reconstruct and not self.needs_calibration:
+            raise ConfigError("reconstruction learns from calibration data: set needs_calibration=True")
         if not isinstance(self.rank, int) or self.rank < 0:
             raise ConfigError(f"rank must be a non-negative integer, got {self.rank!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -91,6 +99,8 @@ class QuantConfig:
             "rank": self.rank,
             "smooth_alpha": self.smooth_alpha,
             "split_shortcut": self.split_shortcut,
+            "act_estimator": self.act_estimator,
+            "reconstruct": self.reconstruct,
         }
 
     @classmethod
@@ -104,7 +114,8 @@ class QuantConfig:
                    modulation=spec(d["modulation"]), quantize_convs=d["quantize_convs"],
                    include=tuple(d["include"]), exclude=tuple(d["exclude"]), name=d["name"],
                    needs_calibration=d["needs_calibration"], rank=d["rank"], smooth_alpha=d["smooth_alpha"],
-                   split_shortcut=d["split_shortcut"])
+                   split_shortcut=d["split_shortcut"], act_estimator=d["act_estimator"],
+                   reconstruct=d["reconstruct"])
 
 
 @dataclass(frozen=True)
@@ -174,3 +185,14 @@ register_preset("svdquant-nvfp4",
                 QuantConfig(QuantSpec("nvfp4", "group", 16), QuantSpec("nvfp4", "group", 16), modulation=_INT4_G64,
                             rank=32, smooth_alpha=0.5),
                 "SVDQuant with NVFP4 (fp4 e2m1 g16, fp8 e4m3 scales, fp32 tensor scale) residual and activations")
+
+_INT8_STATIC = QuantSpec("int8", "tensor", dynamic=False)
+register_preset("w8a8-static", QuantConfig(_INT8_CH, _INT8_STATIC, modulation=_INT8_CH, needs_calibration=True),
+                "int8 weights per output channel, int8 activations per tensor with calibrated (static) ranges")
+register_preset("w4a8-static", QuantConfig(_INT4_G128, _INT8_STATIC, modulation=_INT4_G64, needs_calibration=True),
+                "int4 weights in groups of 128, int8 activations per tensor with calibrated (static) ranges")
+register_preset("qdiffusion-w4a8",
+                QuantConfig(QuantSpec("int4", "channel"), _INT8_STATIC, modulation=_INT4_G64, split_shortcut=True,
+                            reconstruct=True, needs_calibration=True),
+                "Q-Diffusion: int4 per-channel weights with learned rounding (block reconstruction), int8 static "
+                "activations calibrated over the trajectory, split shortcut on U-Net skip concatenations")

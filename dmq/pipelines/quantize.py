@@ -185,6 +185,38 @@ def quantize_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, comp
     return entries
 
 
+def _prepare_calibrated(pipe: Any, model: nn.Module, cfg: QuantConfig, roles: ArchRoles, component: str,
+                        calibration: Any, report: QuantReport, progress: bool,
+                        ) -> tuple[list[LayerEntry], dict[str, QuantModule]]:
+    """prepare_model on calibration data, all on the floating-point pipeline: per-channel abs-max for smoothing,
+    then static activation ranges of the built layers, then block reconstruction."""
+    from dmq.calibration import (CalibrationConfig, StatsConfig, calibrate_activation_scales, channel_absmax, collect,
+                                 collect_block_inputs, find_blocks, reconstruct_blocks)
+
+    if not isinstance(calibration, CalibrationConfig):
+        raise ConfigError(f"calibration must be a dmq.CalibrationConfig, got {type(calibration).__name__}")
+    act_absmax = None
+    if cfg.smooth_alpha is not None:
+        names = [p.name for p in plan_model(model, roles, cfg) if p.action == "quantized" and not p.splits]
+        stats = StatsConfig(histogram=False, reservoir=False, channel_absmax=True)
+        result = collect(pipe, names, calibration, stats=stats, progress=progress)
+        act_absmax = {n: channel_absmax(result.stats[n]) for n in names}
+        report.notes.append(f"smoothing (alpha {cfg.smooth_alpha}) from {calibration.num_samples} calibration "
+                            f"samples, sampler {calibration.sampler!r}")
+    entries, built = prepare_model(model, cfg, roles, component, progress, act_absmax=act_absmax)
+    if cfg.activation is not None and not cfg.activation.dynamic:
+        calibrate_activation_scales(pipe, built, calibration, method=cfg.act_estimator, progress=progress)
+        report.notes.append(f"static activation ranges ({cfg.act_estimator}) from {calibration.num_samples} "
+                            f"calibration samples, sampler {calibration.sampler!r}")
+    if cfg.reconstruct:
+        records = collect_block_inputs(pipe, find_blocks(model), calibration, progress=progress)
+        blocks = reconstruct_blocks(model, built, records, progress=progress)
+        gains = [b.heldout_gain_db for b in blocks.values() if b.heldout_gain_db == b.heldout_gain_db]
+        mean = f"{sum(gains) / len(gains):+.2f} dB on average" if gains else "not measured (too few records)"
+        report.notes.append(f"block reconstruction on {len(blocks)} blocks: held-out output error gain {mean}")
+    return entries, built
+
+
 def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = None, *,
                       components: list[str] | None = None, progress: bool = True) -> Any:
     """Quantize a diffusers pipeline in place and return it, with ``pipe.dmq_report`` attached.
@@ -214,7 +246,10 @@ def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = N
                             "alone, no smoothing)")
     prepared = {}
     for name, model in models.items():  # build everything before the first swap
-        entries, built = prepare_model(model, cfg, roles[name], name, progress)
+        if calibration is not None and name == main:
+            entries, built = _prepare_calibrated(pipe, model, cfg, roles[name], name, calibration, report, progress)
+        else:
+            entries, built = prepare_model(model, cfg, roles[name], name, progress)
         report.entries.extend(entries)
         prepared[name] = built
     for name, built in prepared.items():
