@@ -26,9 +26,12 @@ from dmq.nn import QuantLinear, quantize_module
 
 TEXT = ("sd", "sdxl", "pixart", "sd3", "flux")
 CFG_FAMILIES = ("sd", "sdxl", "pixart", "sd3", "dit")  # batched classifier-free guidance by default
-PIPE_KW = {"pixart": {"use_resolution_binning": False, "max_sequence_length": tp.T5_MAX_LENGTH,
-                      "clean_caption": False},
-           "sd3": {"max_sequence_length": tp.T5_MAX_LENGTH}, "flux": {"max_sequence_length": tp.T5_MAX_LENGTH}}
+_HW = {"height": 32, "width": 32}  # the tiny pipelines' resolution (FLUX's default would be 256 px)
+PIPE_KW = {"sd": _HW, "sdxl": _HW,
+           "pixart": {"use_resolution_binning": False, "max_sequence_length": tp.T5_MAX_LENGTH,
+                      "clean_caption": False, **_HW},
+           "sd3": {"max_sequence_length": tp.T5_MAX_LENGTH, **_HW},
+           "flux": {"max_sequence_length": tp.T5_MAX_LENGTH, **_HW}}
 STATIC_I8 = QuantSpec("int8", "tensor", dynamic=False)
 STATIC_I4 = QuantSpec("int4", "tensor", dynamic=False)
 
@@ -199,6 +202,16 @@ def test_eda_density_diversity_budget():
             assert m2[2, step]
     with pytest.raises(ConfigError, match="features"):
         eda(torch.linspace(1, 0, 4), 2, 3)
+    # coverage: with every step alike in density and diversity, the budget is spread over all steps
+    even = eda(torch.linspace(1, 0, 8), 4, 6, features=torch.randn(6, 8, d))
+    assert (even.sum(dim=0) >= 1).all() and int(even.sum(dim=0).max()) <= 6
+
+
+def test_normal_covers_every_step_given_enough_draws():
+    t = torch.linspace(1, 0, 10)
+    m = normal(t, 3, num_batches=400, std=0.3)
+    assert (m.sum(dim=0) > 0).all()  # every step reachable, the middle ones most often
+    assert m[:, 4:6].sum() > m[:, [0, 9]].sum()
 
 
 # ---------------------------------------------------------------------------------------------------------------
