@@ -94,11 +94,15 @@ def test_quantize_act_matches_reference(m, case):
         _close(got[2], ref[2])
 
 
-def test_quantize_act_codes_equal_formats_quantize():
+@pytest.mark.parametrize("qdtype,group", [("int4", 64), ("int8", 0), ("fp8_e4m3", 0), ("int4", 0)])
+def test_quantize_act_codes_equal_formats_quantize(qdtype, group):
+    """On the CPU the reference (correctly rounded divisions) is exactly dmq.formats.quantize."""
     x = _x(37, 100)
-    codes, scales, _ = tq.quantize_act(x, None, None, "int4", 64, True)
-    q = quantize(x.float().reshape(37, 1, 100), QuantSpec("int4", "group", 64))
-    assert torch.equal(codes, q.codes.reshape(37, -1)) and torch.equal(scales, q.scales)
+    codes, scales, _ = rq.quantize_act(x, None, None, qdtype, group, qdtype == "int4")
+    spec = QuantSpec(qdtype, "group", group) if group else QuantSpec(qdtype, "token")
+    q = quantize(x.float().reshape(37, 1, 100), spec)
+    view = (lambda t: t.view(torch.uint8)) if qdtype == "fp8_e4m3" else (lambda t: t)
+    assert torch.equal(view(codes), view(q.codes.reshape(37, -1))) and torch.equal(scales, q.scales)
 
 
 def test_quantize_act_bf16_codes_exact():
@@ -230,6 +234,9 @@ def test_nvfp4_quantize_exact(m):
     amax = rnv.nvfp4_amax(x, smooth)
     assert torch.equal(amax, (x.float() / smooth.float()).abs().amax())
     got, ref = tnv.nvfp4_quantize(x, smooth, amax), rnv.nvfp4_quantize(x, smooth, amax)
+    q = quantize((x.float() / smooth.float()).reshape(m, 1, k), QuantSpec("nvfp4", "group", 16))
+    assert torch.equal(ref[0], q.codes.reshape(m, -1))          # the reference is dmq.formats' recipe
+    assert torch.equal(ref[1].view(torch.uint8), q.scales.view(torch.uint8)) and torch.equal(ref[2], q.global_scale)
     assert torch.equal(got[0], ref[0])
     assert torch.equal(got[1].view(torch.uint8), ref[1].view(torch.uint8))
     assert torch.equal(got[2], ref[2])

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dmq.formats import QuantSpec, quantize
+from dmq.formats import fp4_encode, pack_nibbles
 from dmq.kernels.reference.weight_only import dequantize_weight
 
 __all__ = ["nvfp4_amax", "nvfp4_quantize", "nvfp4_linear"]
-
-_SPEC = QuantSpec("nvfp4", "group", 16)
-
 
 def nvfp4_amax(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
     """``max |x / smooth|`` as an fp32 scalar tensor, with one read of x: division by a positive number is monotonic,
@@ -26,14 +23,24 @@ def nvfp4_quantize(x: torch.Tensor, smooth: torch.Tensor | None,
     """Quantize the rows of ``x / smooth`` to nvfp4 with the per-tensor range ``amax`` (fp32 scalar).
 
     Returns codes uint8 ``(M, Kp/2)`` (pairs, as :func:`dmq.formats.pack_nibbles`), scales float8 e4m3
-    ``(M, Kp/16)`` and the fp32 global scale ``amax / 2688``: exactly :func:`dmq.formats.quantize`.
+    ``(M, Kp/16)`` and the fp32 global scale ``amax / 2688``: :func:`dmq.formats.quantize`'s recipe with every
+    division correctly rounded (identical to it on the CPU; on CUDA PyTorch divides by Python floats through a
+    reciprocal, which can move a scale by one ulp).
     """
     m, k = x.shape
     xs = x.to(torch.float32)
     if smooth is not None:
         xs = xs / smooth.to(torch.float32)
-    q = quantize(xs.reshape(m, 1, k), _SPEC, scale=amax)
-    return q.codes.reshape(m, -1).contiguous(), q.scales.contiguous(), q.global_scale.reshape(())
+    kp = -(-k // 16) * 16
+    xb = torch.nn.functional.pad(xs, (0, kp - k)).reshape(m, kp // 16, 16)
+    g = amax.to(torch.float32).reshape(()) / torch.full((), 2688.0, device=x.device)
+    g_safe = torch.where(g > 0, g, torch.ones_like(g))
+    bmax = xb.abs().amax(dim=-1, keepdim=True)
+    s8 = ((bmax / torch.full_like(bmax, 6.0)) / g_safe).clamp(max=448.0).to(torch.float8_e4m3fn)
+    eff = s8.to(torch.float32) * g
+    nib = fp4_encode(xb / torch.where(eff > 0, eff, torch.ones_like(eff)))
+    nib = torch.where(eff > 0, nib, torch.zeros_like(nib))
+    return pack_nibbles(nib.reshape(m, kp)).contiguous(), s8.reshape(m, -1).contiguous(), g
 
 
 def nvfp4_linear(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor | None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dmq.formats import QuantSpec, quantize, unpack_int4
+from dmq.formats import QuantSpec, pack_nibbles, padded_channels
 
 __all__ = ["quantize_act", "act_spec"]
 
@@ -29,22 +29,38 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
 
     Returns ``codes`` (int8 ``(M, Kp)``, uint8 ``(M, Kp/2)`` when packed, float8 ``(M, K)`` for fp8), ``scales``
     (fp32 ``(M,)`` per token, fp16 ``(M, Kp/g)`` per group) and ``lowrank`` ``(M, R)`` in x's dtype
-    (``(M, 0)`` without proj_down). Codes and scales are exactly :func:`dmq.formats.quantize` of ``x / smooth``;
-    lowrank is ``(x / smooth)`` rounded to proj_down's dtype, times proj_down, accumulated in fp32.
+    (``(M, 0)`` without proj_down). lowrank is ``(x / smooth)`` rounded to proj_down's dtype, times proj_down,
+    accumulated in fp32.
+
+    Codes and scales follow :func:`dmq.formats.quantize` (scale = amax / qmax, rounded to fp16 for groups; codes
+    = round-half-even(x / scale), clamped) with every division correctly rounded. That is bit for bit what
+    :func:`dmq.formats.quantize` gives on the CPU; on CUDA, PyTorch turns ``tensor / python_float`` into a multiply
+    by the reciprocal, so the layer's reference scales there can differ from these by one ulp.
     """
     spec = act_spec(qdtype, group_size)
     if pack and qdtype != "int4":
         raise ValueError("pack=True is only meaningful for int4 codes")
+    qt = spec.qtype
     m, k = x.shape
     xs = x.to(torch.float32)
     if smooth is not None:
         xs = xs / smooth.to(torch.float32)
-    q = quantize(xs.reshape(m, 1, k), spec)
-    codes = q.codes.reshape(m, -1)
-    if qdtype == "int4" and not pack:
-        codes = unpack_int4(codes)
+    kp = padded_channels(spec, k)
+    xb = torch.nn.functional.pad(xs, (0, kp - k)).reshape(m, kp // group_size if group_size else 1, -1)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    s = amax / torch.full_like(amax, qt.qmax)          # a tensor divisor: IEEE division on every device
+    if group_size:
+        s = s.to(torch.float16).to(torch.float32)
+    y = xb / torch.where(s > 0, s, torch.ones_like(s))
+    if qdtype == "fp8_e4m3":
+        codes = y.clamp(qt.qmin, qt.qmax).to(torch.float8_e4m3fn).reshape(m, kp)
+    else:
+        codes = torch.round(y).clamp(qt.qmin, qt.qmax).to(torch.int8).reshape(m, kp)
+        if pack:
+            codes = pack_nibbles(codes)
+    scales = s.reshape(m, -1).to(torch.float16) if group_size else s.reshape(m)
     if proj_down is not None:
         lowrank = (xs.to(proj_down.dtype).to(torch.float32) @ proj_down.to(torch.float32)).to(x.dtype)
     else:
         lowrank = x.new_empty((m, 0))
-    return codes.contiguous(), q.scales.contiguous(), lowrank
+    return codes.contiguous(), scales.contiguous(), lowrank

@@ -94,11 +94,9 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
                 w_hi = tl.load(w_rows + k_hi[None, :], mask=k_hi[None, :] < KW, other=0)
         if GROUPED and PAIR:   # both K-halves lie in the same groups: one int32 sum, one rescale
             if SWAP:
-                c = tl.dot(w_lo, tl.trans(a_lo))
-                c = tl.dot(w_hi, tl.trans(a_hi), c).to(tl.float32)
+                c = (tl.dot(w_lo, tl.trans(a_lo)) + tl.dot(w_hi, tl.trans(a_hi))).to(tl.float32)
             else:
-                c = tl.dot(a_lo, tl.trans(w_lo))
-                c = tl.dot(a_hi, tl.trans(w_hi), c).to(tl.float32)
+                c = (tl.dot(a_lo, tl.trans(w_lo)) + tl.dot(a_hi, tl.trans(w_hi))).to(tl.float32)
             if A_GROUP:
                 sa = tl.load(as_ptr + rm * stride_asm + k0 // GA).to(tl.float32)
                 if SWAP:
@@ -141,12 +139,14 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
                     c_hi = c_hi * sw_hi[None, :]
             acc += c_lo + c_hi
         else:
+            # (an int32 accumulator passed as tl.dot's acc does not compile on Triton 3.6; the add is folded
+            # into the MMA by Triton's combine pass)
             if SWAP:
-                acc = tl.dot(w_lo, tl.trans(a_lo), acc)
-                acc = tl.dot(w_hi, tl.trans(a_hi), acc)
+                acc += tl.dot(w_lo, tl.trans(a_lo))
+                acc += tl.dot(w_hi, tl.trans(a_hi))
             else:
-                acc = tl.dot(a_lo, tl.trans(w_lo), acc)
-                acc = tl.dot(a_hi, tl.trans(w_hi), acc)
+                acc += tl.dot(a_lo, tl.trans(w_lo))
+                acc += tl.dot(a_hi, tl.trans(w_hi))
 
     if SWAP:
         acc = tl.trans(acc)

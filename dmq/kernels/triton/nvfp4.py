@@ -52,7 +52,7 @@ def nvfp4_quantize(x: torch.Tensor, smooth: torch.Tensor | None,
         check(smooth.shape == (k,), f"smooth must be ({k},)")
         smooth = smooth.contiguous()
     kp = -(-k // 16) * 16
-    gs = (amax.to(torch.float32).reshape(()) / 2688.0).reshape(1)
+    gs = (amax.to(torch.float32).reshape(()) / torch.full((), 2688.0, device=x.device)).reshape(1)
     codes = torch.empty((m, kp // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty((m, kp // 16), dtype=torch.uint8, device=x.device)
     if m:

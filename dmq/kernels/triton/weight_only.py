@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.kernels._common import FLOAT16, bench_fn, check, decode_e2m1, decode_e4m3, fixed_config, next_pow2
+from dmq.kernels._common import FLOAT16, bench_fn, check, decode_e2m1, decode_e4m3, fixed_config
 from dmq.kernels.layouts import blocked_kb
 from dmq.kernels.reference.weight_only import WEIGHT_FORMATS
 
@@ -59,6 +59,9 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, KW, GW, NG,
                  stride_xm, stride_wn, stride_wsn, stride_om,
                  FMT: tl.constexpr, W_GROUP: tl.constexpr, HALF_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr):
+    """M ≤ 16 rows (padded to the 16-row MMA tile) × BN weight rows; the weight tile is dequantized to x's
+    dtype in registers (exact: raw codes, or fp4 codes × fp8 scales) and fed to tl.dot, which also makes Triton
+    pipeline the weight loads."""
     pid = tl.program_id(0)
     on = pid * BN + tl.arange(0, BN)
     rn = on % N
@@ -71,11 +74,11 @@ def _gemv_kernel(x_ptr, w_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, KW, GW, NG,
             lo = lo * _group_scale(ws_ptr, rn, k_lo, stride_wsn, GW, NG, FMT)
             hi = hi * _group_scale(ws_ptr, rn, k_hi, stride_wsn, GW, NG, FMT)
         x_lo = tl.load(x_ptr + rm[:, None] * stride_xm + k_lo[None, :],
-                       mask=(rm[:, None] < M) & (k_lo[None, :] < K), other=0.0).to(tl.float32)
+                       mask=(rm[:, None] < M) & (k_lo[None, :] < K), other=0.0)
         x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + k_hi[None, :],
-                       mask=(rm[:, None] < M) & (k_hi[None, :] < K), other=0.0).to(tl.float32)
-        p_lo = tl.sum(x_lo[:, None, :] * lo[None, :, :], axis=2)
-        p_hi = tl.sum(x_hi[:, None, :] * hi[None, :, :], axis=2)
+                       mask=(rm[:, None] < M) & (k_hi[None, :] < K), other=0.0)
+        p_lo = tl.dot(x_lo, tl.trans(lo.to(x_lo.dtype)))
+        p_hi = tl.dot(x_hi, tl.trans(hi.to(x_hi.dtype)))
         if W_GROUP and HALF_GROUPS:   # each K-half lies in one group: scale the partial sums, (BN,) loads
             g_lo = k0 // GW
             g_hi = (k0 + BKH) // GW
@@ -119,14 +122,14 @@ def _dequant_kernel(w_ptr, ws_ptr, o_ptr, N, K, KW, GW, NG, stride_wn, stride_ws
 _GEMV_TUNED: dict[int, object] = {}
 
 
+_GEMV_CONFIGS = [triton.Config({"BN": bn}, num_warps=4, num_stages=st) for bn, st in ((32, 4), (64, 4), (64, 6),
+                                                                                  (128, 3))]
+
+
 def _gemv_tuned(bm: int):
     if bm not in _GEMV_TUNED:
-        cap = 16384 // bm                              # BM * BN * BKH fp32 products per step
-        bns = [bn for bn in (16, 32, 64, 128) if bn * 64 <= cap] or [16]
-        configs = [triton.Config({"BN": bn}, num_warps=w, num_stages=s)
-                   for bn in bns for w, s in ((4, 3),) if bn <= 64] + \
-                  [triton.Config({"BN": bn}, num_warps=8, num_stages=3) for bn in bns if bn >= 64]
-        _GEMV_TUNED[bm] = triton.autotune(configs, key=["N", "K", "FMT", "W_GROUP"], do_bench=bench_fn)(_gemv_kernel)
+        _GEMV_TUNED[bm] = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "FMT", "W_GROUP", "HAS_BIAS"],
+                                          do_bench=bench_fn)(_gemv_kernel)
     return _GEMV_TUNED[bm]
 
 
@@ -179,13 +182,13 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
         return out
     s = _scale_arg(w_scales)
     ng = s.shape[1] if w_group else 1
-    bm = max(1, next_pow2(m))
+    bm = 16
     args = (x, w, s, bias if bias is not None else out, out, m, n, k, kw, max(w_group, 1), ng,
             x.stride(0), w.stride(0), s.stride(0), out.stride(0))
     meta = dict(FMT=_FMT[w_format], W_GROUP=w_group > 0, HALF_GROUPS=w_group > 0 and w_group % 64 == 0
                 and w_format != "fp4", HAS_BIAS=bias is not None, BM=bm, BKH=64)
     if fixed_config():
-        _gemv_kernel[(triton.cdiv(n, 16),)](*args, **meta, BN=16)
+        _gemv_kernel[(triton.cdiv(n, 32),)](*args, **meta, BN=32)
     else:
         _gemv_tuned(bm)[lambda c: (triton.cdiv(n, c["BN"]),)](*args, **meta)
     return out
