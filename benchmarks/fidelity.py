@@ -123,8 +123,8 @@ def main() -> None:
                 row.update(accuracy=mean_std(a)[0], accuracy_std=mean_std(a)[1])
             rows.append(row)
             print(row, flush=True)
-    path = write_results(args.name, rows)
-    print(f"wrote {path}")
+            write_results(args.name, rows)  # as it goes: a run stopped early keeps what it measured
+    print(f"wrote {write_results(args.name, rows)}")
 
 
 if __name__ == "__main__":
