@@ -7,6 +7,11 @@ FLUX / PixArt-Σ / SDXL shapes, all in one process. Prints ratios vs bf16 and as
     python benchmarks/kernels.py --check         # GPU correctness checks vs the references first
     python benchmarks/kernels.py --cases flux_qkv,flux_mod --budget-s 300
 
+Variant names: ``-swap`` = weight tile as the MMA's first operand, ``-unpack`` = int4 weights expanded to an int8
+workspace per call, then the int8 GEMM; ``abl-*`` = ablations (quantization kernel alone, GEMM without epilogue,
+without unpacking (int8 weights), without group scales). The layer path (dmq.kernels.linear, INT4_GEMM="auto") uses
+``-unpack`` for w4a4 and ``-swap`` for w4a8.
+
 Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``): GPU time without Python launch overhead,
 as under torch.compile + CUDA graphs. Fidelity: SQNR (dB) of each variant's output vs the fp32 float linear
 ``x·Wᵀ + b`` on 256 rows of the same data (activations with 1% outlier channels).
@@ -128,6 +133,7 @@ def gemm_variants(m, k, n, dev):
 
     x, w, b = make_data(m, k, n, dev)
     w32 = w.float()
+    tg.INT4_SWAP = False   # "dmq-*" int4b variants: operands in natural order; "*-swap" variants: swapped
     v = {}   # name -> (fn(x) -> y, fidelity?, bytes/param, which tuned kernel)
     v["bf16"] = (lambda xx: F.linear(xx, w, b), True, 2.0, None)
 

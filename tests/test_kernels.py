@@ -362,10 +362,15 @@ def test_quant_linear_kernel_path_matches_layer_reference(name, monkeypatch):
     _close(klinear.linear_forward(layer, x), layer.reference_forward(x), tol=1e-2)
 
 
-def test_unpack_once_strategy_matches(monkeypatch):
+@pytest.mark.parametrize("mode,swap", [("unpack", True), ("int4b", True), ("int4b", False)])
+@pytest.mark.parametrize("preset", ["w4a4", "w4a8"])
+def test_int4_strategies_match(mode, swap, preset, monkeypatch):
+    """Every way of feeding int4 weights to the tensor cores (in-kernel unpack in either operand order, or an int8
+    workspace) gives the layer's result."""
     monkeypatch.setattr(klinear, "ops", _triton_ops())
-    monkeypatch.setattr(klinear, "INT4_GEMM", "unpack")
-    layer = QuantLinear.from_module(torch.nn.Linear(128, 48).half(), *LAYER_SPECS["w4a4"])
+    monkeypatch.setattr(klinear, "INT4_GEMM", mode)
+    monkeypatch.setattr(tgemm, "INT4_SWAP", swap)
+    layer = QuantLinear.from_module(torch.nn.Linear(128, 48).half(), *LAYER_SPECS[preset])
     x = _x(37, 128)
     _close(klinear.linear_forward(layer, x), layer.reference_forward(x), tol=1e-2)
 
