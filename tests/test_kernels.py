@@ -389,6 +389,24 @@ def test_svdquant_forward_matches_formula(monkeypatch):
     _close(klinear.svdquant_forward(layer, x), ref, tol=1e-2)
 
 
+@pytest.mark.parametrize("rank", [0, 16, 64])
+@pytest.mark.parametrize("preset", ["w4a4", "w4a4-channel", "w4a8"])
+def test_svdquant_layer_kernel_path_matches_its_reference(rank, preset, monkeypatch):
+    """dmq.nn.svdquant.SVDQuantLinear through the fused kernels (registered on import) vs its reference forward."""
+    svdquant = pytest.importorskip("dmq.nn.svdquant")
+    from dmq.kernels import dispatch
+
+    assert any(t is svdquant.SVDQuantLinear for t, _, _ in dispatch._KERNELS)
+    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    torch.manual_seed(0)
+    k = 128
+    lin = torch.nn.Linear(k, 72).half()
+    smooth = torch.rand(k) + 0.5
+    layer = svdquant.SVDQuantLinear.from_module(lin, *LAYER_SPECS[preset], rank=rank, smooth=smooth)
+    x = _x(37, k)
+    _close(klinear.svdquant_forward(layer, x), layer.reference_forward(x), tol=2e-2)
+
+
 @pytest.mark.parametrize("acts", [QuantSpec("int8", "token"), QuantSpec("int4", "group", 64), None],
                          ids=["int8-token", "int4-g64", "weight-only"])
 def test_quant_conv_kernel_path_matches_layer_reference(acts, monkeypatch):

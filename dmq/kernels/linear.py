@@ -240,14 +240,16 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
 # -- SVDQuant ----------------------------------------------------------------------------------------------------------
 def svdquant_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Kernel forward of an SVDQuant linear: ``y = Q(x/smooth)·Q(R)ᵀ + (x/smooth)·proj_down·proj_up + b`` with the
-    down-projection fused into activation quantization and the up-projection into the GEMM epilogue."""
-    return linear_forward(layer, x, getattr(layer, "smooth", None), layer.proj_down, layer.proj_up)
+    down-projection fused into activation quantization and the up-projection into the GEMM epilogue (rank 0 =
+    SmoothQuant: no branch). x/smooth is computed in fp32 (the layer's reference divides in x's dtype)."""
+    return linear_forward(layer, x, getattr(layer, "smooth", None), getattr(layer, "proj_down", None),
+                          getattr(layer, "proj_up", None))
 
 
 def _svdquant_ok(layer, x: torch.Tensor) -> bool:
-    return _gpu_ok(x) and _path(layer) in ("int", "nvfp4") and layer.proj_down.dtype in (torch.float16,
-                                                                                        torch.bfloat16) \
-        and layer.proj_down.shape[1] <= 256
+    pd = getattr(layer, "proj_down", None)
+    return _gpu_ok(x) and _path(layer) in ("int", "nvfp4") and getattr(layer, "taps", 1) == 1 and \
+        (pd is None or (pd.dtype in (torch.float16, torch.bfloat16) and pd.shape[1] <= 256))
 
 
 def register_svdquant(layer_type: type) -> None:
@@ -268,6 +270,11 @@ def _plain_conv_ok(layer, x):
 def _register() -> None:
     register_kernel(QuantLinear, _plain_linear_ok, lambda layer, x: linear_forward(layer, x))
     register_kernel(QuantConv2d, _plain_conv_ok, conv_forward)
+    try:
+        from dmq.nn.svdquant import SVDQuantLinear
+    except ModuleNotFoundError:  # pragma: no cover - trees without SVDQuant layers
+        return
+    register_svdquant(SVDQuantLinear)
 
 
 _register()
