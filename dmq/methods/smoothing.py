@@ -28,8 +28,8 @@ def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    a = act_absmax.to(torch.float32)
     w = weight_absmax.to(torch.float32)
+    a = act_absmax.to(device=w.device, dtype=torch.float32)
     dead = (a <= 0) | (w <= 0) | ~torch.isfinite(a) | ~torch.isfinite(w)
     lam = a.clamp(min=1e-12).pow(alpha) / w.clamp(min=1e-12).pow(1 - alpha)
     lam = torch.where(dead, torch.ones_like(lam), lam)
