@@ -33,3 +33,7 @@ def quantize_module(module: torch.nn.Module, weight_spec: QuantSpec, act_spec: Q
         raise UnsupportedModuleError(f"{name or type(module).__name__}: {reason}")
     cls = QuantLinear if isinstance(module, torch.nn.Linear) else QuantConv2d
     return cls.from_module(module, weight_spec, act_spec, name=name)
+
+
+# registers the Triton fast paths with the dispatch point (CUDA, compute capability ≥ 8.0 only)
+import dmq.kernels.linear  # noqa: E402,F401
