@@ -381,12 +381,10 @@ def test_svdquant_forward_matches_formula(monkeypatch):
     torch.manual_seed(0)
     layer = QuantLinear.from_module(torch.nn.Linear(k, n).half(), *LAYER_SPECS["w4a4"])
     layer.smooth = (torch.rand(k) + 0.5).half()
-    layer.proj_down = (torch.randn(k, r) / 8).half()
-    layer.proj_up = (torch.randn(r, n) / 8).half()
+    layer.set_branch((torch.randn(k, r) / 8).half(), (torch.randn(r, n) / 8).half())
     x = _x(37, k)
-    xs = x.float() / layer.smooth.float()
-    ref = layer.reference_forward(xs.half()) + ((xs @ layer.proj_down.float()) @ layer.proj_up.float()).half()
-    _close(klinear.svdquant_forward(layer, x), ref, tol=1e-2)
+    # every quantized layer's reference applies its smoothing and branch: Q(x/λ)·Q(W)ᵀ + b + (x/λ)·down·up
+    _close(klinear.svdquant_forward(layer, x), layer.reference_forward(x), tol=1e-2)
 
 
 @pytest.mark.parametrize("rank", [0, 16, 64])

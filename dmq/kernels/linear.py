@@ -264,11 +264,13 @@ def _plain_linear_ok(layer, x):
 
 
 def _plain_conv_ok(layer, x):
-    return type(layer) is QuantConv2d and supported(layer, x)
+    # the conv kernel has no low-rank branch: layers with one (SVDQuant, LoRAs) use the reference
+    return type(layer) is QuantConv2d and layer.proj_down is None and layer.smooth is None and supported(layer, x)
 
 
 def _register() -> None:
-    register_kernel(QuantLinear, _plain_linear_ok, lambda layer, x: linear_forward(layer, x))
+    # a plain QuantLinear may carry a branch too (LoRAs): pass it like an SVDQuant layer's
+    register_kernel(QuantLinear, _plain_linear_ok, svdquant_forward)
     register_kernel(QuantConv2d, _plain_conv_ok, conv_forward)
     try:
         from dmq.nn.svdquant import SVDQuantLinear

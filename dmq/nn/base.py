@@ -40,8 +40,10 @@ class QuantGemm(QuantModule):
     Buffers: ``qweight`` (codes: int8 / fp8 ``(N, T * Cp)``, or uint8 ``(N, T * Cp // 2)`` for packed 4-bit),
     ``wscales`` (``()``, ``(N,)`` or ``(N, T * Cp // g)``), ``wzeros`` (int8, asymmetric only), ``wscale2`` (fp32
     scalar, nvfp4 only), ``input_scale`` (fp32 scalar, static activations only; NaN until calibrated). ``bias`` stays
-    a 16-bit parameter. Subclasses provide ``_gemm(x, w)`` (the float op on dequantized operands), the shapes and the
-    channel dim of their input.
+    a 16-bit parameter. Optional 16-bit low-rank branch (SVDQuant's components and/or LoRAs): ``smooth`` ``(C,)``
+    divides the input, ``proj_down`` ``(K, r)`` and ``proj_up`` ``(r, N)`` add ``(x/smooth)·proj_down·proj_up``;
+    ``loras`` maps a LoRA name to its ``(start, rank)`` columns of the branch. Subclasses provide ``_gemm`` (the float
+    op on dequantized operands), ``_branch`` (the branch on the smoothed input), the shapes and the channel dim.
     """
 
     act_channel_dim: int = -1
@@ -57,6 +59,10 @@ class QuantGemm(QuantModule):
             self.register_buffer("input_scale", torch.full((), float("nan")))
         else:
             self.input_scale = None
+        for name in ("smooth", "proj_down", "proj_up"):
+            self.register_buffer(name, None)  # None buffers stay out of the state dict
+        self.rank = 0
+        self.loras: dict[str, tuple[int, int]] = {}
 
     # -- weights ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -107,12 +113,37 @@ class QuantGemm(QuantModule):
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pure PyTorch: fake-quantized input times the dequantized weight, in the input's dtype."""
+        """Pure PyTorch: ``Q(x/λ)·Q(W)ᵀ + b`` plus the low-rank branch ``(x/λ)·proj_down·proj_up``, in x's dtype."""
+        xs = self._smoothed(x)
         w = self.dequantized_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return self._gemm(self.quantize_input(x), w, bias)
+        y = self._gemm(self.quantize_input(xs), w, bias)
+        if self.proj_down is not None:
+            y = y + self._branch(xs)
+        return y
+
+    def _smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is None:
+            return x
+        shape = [1] * x.dim()
+        shape[self.act_channel_dim] = -1
+        return x / self.smooth.to(x.dtype).reshape(shape)
+
+    def set_branch(self, proj_down: torch.Tensor | None, proj_up: torch.Tensor | None) -> None:
+        """Replace the low-rank branch: ``proj_down (K, r)``, ``proj_up (r, N)`` (or both ``None``)."""
+        if proj_down is None or proj_down.shape[1] == 0:
+            self.register_buffer("proj_down", None)
+            self.register_buffer("proj_up", None)
+            self.rank = 0
+            return
+        self.register_buffer("proj_down", proj_down.contiguous())
+        self.register_buffer("proj_up", proj_up.contiguous())
+        self.rank = proj_down.shape[1]
 
     def _gemm(self, x: torch.Tensor, w3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _branch(self, xs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------------
@@ -123,6 +154,9 @@ class QuantGemm(QuantModule):
             total += self.bias.numel() * self.bias.element_size()
         if self.input_scale is not None:
             total += 4
+        for t in (self.smooth, self.proj_down, self.proj_up):
+            if t is not None:
+                total += t.numel() * t.element_size()
         return total
 
     def layer_spec(self) -> dict[str, Any]:
@@ -133,8 +167,21 @@ class QuantGemm(QuantModule):
             "activation": self.act_spec.to_dict() if self.act_spec else None,
             "bias": self.bias is not None,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "rank": self.rank,
+            "smooth": self.smooth is not None,
+            "loras": {name: list(cols) for name, cols in self.loras.items()},
             **self._shape_spec(),
         }
+
+    def _shell_branch(self, spec: dict[str, Any], k: int) -> None:
+        """Give an empty (meta) layer the smoothing / branch buffers a saved spec says it has."""
+        with torch.device("meta"):
+            if spec.get("smooth"):
+                self.register_buffer("smooth", torch.empty(self.channels, dtype=self.compute_dtype))
+            if spec.get("rank"):
+                self.set_branch(torch.empty(k, spec["rank"], dtype=self.compute_dtype),
+                                torch.empty(spec["rank"], self.out_features, dtype=self.compute_dtype))
+        self.loras = {name: tuple(cols) for name, cols in spec.get("loras", {}).items()}
 
     def _shape_spec(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -142,4 +189,4 @@ class QuantGemm(QuantModule):
     def extra_repr(self) -> str:
         act = self.act_spec.describe() if self.act_spec else "16-bit"
         return f"out={self.out_features}, taps={self.taps}, in={self.channels}, w={self.weight_spec.describe()}, " \
-               f"a={act}"
+               f"a={act}, rank={self.rank}, smooth={self.smooth is not None}"

@@ -76,6 +76,7 @@ class QuantConv2d(QuantGemm):
                         spec["dilation"], QuantSpec.from_dict(spec["weight"]),
                         QuantSpec.from_dict(spec["activation"]) if spec["activation"] else None, bias, dtype)
             layer._set_weight(torch.empty(spec["out_channels"], kh * kw, spec["in_channels"]), "")
+        layer._shell_branch(spec, kh * kw * spec["in_channels"])
         return layer
 
     def _shape_spec(self) -> dict[str, Any]:
@@ -87,3 +88,10 @@ class QuantConv2d(QuantGemm):
         kh, kw = self.kernel_size
         w = w3.reshape(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+
+    def _branch(self, xs: torch.Tensor) -> torch.Tensor:
+        """A kh×kw conv to ``rank`` channels (``proj_down (K, r)``, K ordered (kh, kw, Cin)), then a 1×1 conv to N."""
+        kh, kw = self.kernel_size
+        down = self.proj_down.to(xs.dtype).T.reshape(self.rank, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        h = F.conv2d(xs, down, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(h, self.proj_up.to(xs.dtype).T[:, :, None, None])

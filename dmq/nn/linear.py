@@ -47,6 +47,7 @@ class QuantLinear(QuantGemm):
             layer = cls(spec["in_features"], spec["out_features"], QuantSpec.from_dict(spec["weight"]),
                         QuantSpec.from_dict(spec["activation"]) if spec["activation"] else None, bias, dtype)
             layer._set_weight(torch.empty(spec["out_features"], 1, spec["in_features"]), "")
+        layer._shell_branch(spec, spec["in_features"])
         return layer
 
     def _shape_spec(self) -> dict[str, Any]:
@@ -54,3 +55,6 @@ class QuantLinear(QuantGemm):
 
     def _gemm(self, x: torch.Tensor, w3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w3.reshape(self.out_features, self.in_features), bias)
+
+    def _branch(self, xs: torch.Tensor) -> torch.Tensor:
+        return (xs @ self.proj_down.to(xs.dtype)) @ self.proj_up.to(xs.dtype)
