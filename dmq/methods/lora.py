@@ -1,0 +1,181 @@
+"""LoRAs on a quantized pipeline: concatenated onto the quantized layers' 16-bit low-rank branch.
+
+For a LoRA ``ΔW = scale · B·A`` (``A (r, K)``, ``B (N, r)``; a conv's ``A (r, Cin, kh, kw)``, ``B (N, r, 1, 1)``) on a
+quantized layer whose branch input is ``x/λ``: ``proj_down ← [proj_down | diag(λ)·Aᵀ]`` and
+``proj_up ← [proj_up ; scale·Bᵀ]``, so the 4-bit residual is never touched and removing the LoRA slices the branch
+back to the very tensors it had. A LoRA for a layer that stays floating point is applied by a forward hook that adds
+``scale · B·A·x``; removing it removes the hook. Everything is validated before anything is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmq.errors import DmqError
+from dmq.nn.base import QuantGemm
+
+__all__ = ["add_lora", "remove_lora", "parse_lora_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+_SUFFIXES = {
+    "down": (".lora_A.weight", ".lora_down.weight", ".lora.down.weight"),
+    "up": (".lora_B.weight", ".lora_up.weight", ".lora.up.weight"),
+    "alpha": (".alpha", ".lora_alpha"),
+}
+_PREFIXES = ("unet.", "transformer.", "base_model.model.")
+
+
+def parse_lora_state_dict(state: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{module name: (A, B, alpha / rank)}`` from a LoRA state dict (peft ``lora_A``/``lora_B``, kohya-style
+    ``lora_down``/``lora_up`` with optional ``alpha``), or from an already parsed ``{name: (A, B)}`` mapping."""
+    if all(isinstance(v, tuple) for v in state.values()):
+        return {name: (a, b, 1.0) for name, (a, b) in state.items()}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        for kind, suffixes in _SUFFIXES.items():
+            suffix = next((s for s in suffixes if key.endswith(s)), None)
+            if suffix is not None:
+                name = key[: -len(suffix)]
+                for p in _PREFIXES:
+                    name = name.removeprefix(p)
+                name = re.sub(r"\.default$", "", name)
+                parts.setdefault(name, {})[kind] = value
+                break
+        else:
+            raise DmqError(f"LoRA key {key!r} is neither a lora_A/lora_down, lora_B/lora_up nor an alpha tensor")
+    out = {}
+    for name, p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise DmqError(f"LoRA for {name!r} lacks its {'down (A)' if 'down' not in p else 'up (B)'} matrix")
+        rank = p["down"].shape[0]
+        alpha = float(p["alpha"]) if "alpha" in p else float(rank)
+        out[name] = (p["down"], p["up"], alpha / rank)
+    return out
+
+
+def _lora_matrices(module: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes against the module and return ``(down (K, r), up (r, N))`` in the GEMM layout of the module
+    (K ordered (kh, kw, Cin) for convolutions)."""
+    r = a.shape[0]
+    if isinstance(module, (nn.Linear, QuantGemm)) and not isinstance(module, nn.Conv2d) and a.dim() == 2:
+        k = module.in_features if isinstance(module, nn.Linear) else module.channels * module.taps
+        n = module.out_features
+        if a.shape != (r, k) or b.shape != (n, r):
+            raise DmqError(f"LoRA {name!r}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a ({n} × {k}) layer "
+                           f"(expected A ({r}, {k}), B ({n}, {r}))")
+        return a.T, b.T
+    if a.dim() == 4:
+        cin = module.in_channels
+        kh, kw = module.kernel_size
+        n = module.out_channels
+        if a.shape != (r, cin, kh, kw) or b.shape[:2] != (n, r) or b[0, 0].numel() != 1:
+            raise DmqError(f"LoRA {name!r}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a conv with "
+                           f"{cin} → {n} channels and a {kh}×{kw} kernel")
+        return a.permute(0, 2, 3, 1).reshape(r, -1).T, b.reshape(n, r).T
+    raise DmqError(f"LoRA {name!r}: A of shape {tuple(a.shape)} does not fit a {type(module).__name__}")
+
+
+class _FloatLoRAHook:
+    """Adds ``scale·B·A·x`` to a floating-point Linear/Conv2d's output."""
+
+    def __init__(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        self.a, self.b, self.scale = a, b, scale
+        self.conv = isinstance(module, nn.Conv2d)
+        self.module = module
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        a, b = self.a.to(x.dtype), self.b.to(x.dtype)
+        if self.conv:
+            m = self.module
+            delta = F.conv2d(F.conv2d(x, a, None, m.stride, m.padding, m.dilation), b)
+        else:
+            delta = F.linear(F.linear(x, a), b)
+        return output + self.scale * delta
+
+
+def _denoiser(pipe: Any) -> nn.Module:
+    from dmq.pipelines.quantize import denoiser_name
+
+    return getattr(pipe, denoiser_name(pipe))
+
+
+def add_lora(pipe: Any, lora: Mapping[str, Any], scale: float = 1.0, name: str = "default") -> None:
+    """Add a LoRA (``{module name: (A, B)}`` or a LoRA state dict) to the pipeline's denoiser under ``name``.
+
+    Quantized layers get it in their low-rank branch (smoothing accounted for); floating-point layers through a
+    forward hook. Unknown module names, shape mismatches and a name already in use raise DmqError naming the key;
+    nothing is applied unless everything fits.
+    """
+    model = _denoiser(pipe)
+    registry = model.__dict__.setdefault("_dmq_loras", {})
+    if name in registry:
+        raise DmqError(f"a LoRA named {name!r} is already added; remove_lora it first or pick another name")
+    parsed = parse_lora_state_dict(lora)
+    if not parsed:
+        raise DmqError("the LoRA holds no matrices")
+    modules = dict(model.named_modules())
+    plan = []
+    for target, (a, b, alpha_scale) in parsed.items():
+        module = modules.get(target)
+        if module is None:
+            raise DmqError(f"LoRA key {target!r} names no module of {type(model).__name__}")
+        if not isinstance(module, (nn.Linear, nn.Conv2d, QuantGemm)):
+            raise DmqError(f"LoRA key {target!r}: a {type(module).__name__} takes no LoRA (Linear/Conv2d only)")
+        down, up = _lora_matrices(module, target, a.detach().float(), b.detach().float())
+        plan.append((target, module, a, b, down, up, scale * alpha_scale))
+    handles = []
+    for target, module, a, b, down, up, s in plan:
+        if isinstance(module, QuantGemm):
+            dtype, device = module.compute_dtype, module.qweight.device
+            if module.smooth is not None:
+                lam = module.smooth.float().to(device)
+                down = down.to(device) * lam.repeat(module.taps)[:, None]  # K ordered (tap, channel)
+            down, up = down.to(device=device, dtype=dtype), (s * up).to(device=device, dtype=dtype)
+            start = module.rank
+            if module.proj_down is None:
+                module.set_branch(down, up)
+            else:
+                module.set_branch(torch.cat([module.proj_down, down], 1), torch.cat([module.proj_up, up], 0))
+            module.loras[name] = (start, down.shape[1])
+            handles.append((target, None))
+        else:
+            p = module.weight
+            hook = _FloatLoRAHook(module, a.detach().to(p.device, p.dtype), b.detach().to(p.device, p.dtype), s)
+            handles.append((target, module.register_forward_hook(hook)))
+    registry[name] = handles
+    logger.info("dmq: LoRA %r on %d layers", name, len(handles))
+
+
+def remove_lora(pipe: Any, name: str) -> None:
+    """Remove a LoRA added by :func:`add_lora`: the branches return to exactly the tensors they had before."""
+    model = _denoiser(pipe)
+    registry = model.__dict__.get("_dmq_loras", {})
+    if name not in registry:
+        raise DmqError(f"no LoRA named {name!r}; added: {sorted(registry)}")
+    modules = dict(model.named_modules())
+    for target, handle in registry.pop(name):
+        if handle is not None:
+            handle.remove()
+            continue
+        layer = modules[target]
+        start, r = layer.loras.pop(name)
+        keep = [i for i in range(layer.rank) if not start <= i < start + r]
+        idx = torch.tensor(keep, dtype=torch.long, device=layer.proj_down.device)
+        if keep:
+            layer.set_branch(layer.proj_down.index_select(1, idx).contiguous(),
+                             layer.proj_up.index_select(0, idx).contiguous())
+        else:
+            layer.set_branch(None, None)
+        for other, (s, k) in list(layer.loras.items()):
+            if s > start:
+                layer.loras[other] = (s - r, k)
