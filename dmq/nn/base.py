@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmq.errors import CalibrationRequiredError, NonFiniteError
+from dmq.errors import CalibrationRequiredError, ConfigError, NonFiniteError
 from dmq.formats import Quantized, QuantSpec, dequantize, fake_quantize, quantize, storage_nbytes
 from dmq.kernels.dispatch import find_kernel
+from dmq.methods.lowrank import lowrank_split
 
 __all__ = ["QuantModule", "QuantGemm", "outermost_quant_modules"]
 
@@ -69,6 +70,23 @@ class QuantGemm(QuantModule):
     def _check_finite(w: torch.Tensor, name: str) -> None:
         if w.device.type != "meta" and not torch.isfinite(w).all():
             raise NonFiniteError(f"{name}: the weight contains NaN or Inf; dmq will not quantize it")
+
+    def _init_branch(self, w3: torch.Tensor, smooth: torch.Tensor | None, rank: int, name: str) -> torch.Tensor:
+        """Smooth an ``(N, T, C)`` weight by ``smooth (C,)`` and split off its top-``rank`` singular components into
+        the 16-bit branch (SVDQuant; rank 0 with smoothing is SmoothQuant); returns the residual to quantize."""
+        n, t, c = w3.shape
+        if rank < 0 or rank > min(n, t * c):
+            raise ConfigError(f"{name}: rank {rank} is outside [0, min(N, K) = {min(n, t * c)}]")
+        if smooth is not None:
+            if smooth.shape != (c,) or not torch.isfinite(smooth).all() or (smooth <= 0).any():
+                raise ConfigError(f"{name}: smoothing factors must be {c} finite positive values")
+            self.register_buffer("smooth", smooth.to(device=w3.device, dtype=self.compute_dtype))
+            w3 = w3.to(torch.float32) * self.smooth.to(torch.float32)
+        if rank == 0:
+            return w3
+        down, up, residual = lowrank_split(w3.reshape(n, t * c), rank, self.compute_dtype)
+        self.set_branch(down, up)
+        return residual.reshape(n, t, c)
 
     def _set_weight(self, w3: torch.Tensor, name: str) -> None:
         """Quantize and store an ``(N, T, C)`` float weight."""

@@ -54,15 +54,18 @@ class QuantConv2d(QuantGemm):
 
     @classmethod
     def from_module(cls, module: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
-                    name: str = "") -> "QuantConv2d":
-        """Quantize an ``nn.Conv2d``; grouped convs and non-zero padding modes raise UnsupportedModuleError."""
+                    name: str = "", *, rank: int = 0, smooth: torch.Tensor | None = None) -> "QuantConv2d":
+        """Quantize an ``nn.Conv2d`` (grouped convs and non-zero padding modes raise UnsupportedModuleError), with
+        optional smoothing ``(Cin,)`` and a rank-``rank`` SVD branch (see :meth:`QuantGemm._init_branch`)."""
         label = name or "conv"
         check_conv(module, label)
         w = module.weight.detach()
         cout, cin, kh, kw = w.shape
         layer = cls(cin, cout, (kh, kw), module.stride, module.padding, module.dilation, weight_spec, act_spec,
                     module.bias, w.dtype)
-        layer._set_weight(w.permute(0, 2, 3, 1).reshape(cout, kh * kw, cin), label)
+        w3 = w.permute(0, 2, 3, 1).reshape(cout, kh * kw, cin)
+        layer._check_finite(w3, label)
+        layer._set_weight(layer._init_branch(w3, smooth, rank, label), label)
         return layer.to(w.device)
 
     @classmethod

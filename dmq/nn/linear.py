@@ -29,13 +29,17 @@ class QuantLinear(QuantGemm):
 
     @classmethod
     def from_module(cls, module: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
-                    name: str = "") -> "QuantLinear":
-        """Quantize an ``nn.Linear`` (or subclass). ``name`` is used in error messages."""
+                    name: str = "", *, rank: int = 0, smooth: torch.Tensor | None = None) -> "QuantLinear":
+        """Quantize an ``nn.Linear`` (or subclass), with optional smoothing ``(K,)`` and a rank-``rank`` SVD branch
+        (see :meth:`QuantGemm._init_branch`). ``name`` is used in error messages."""
+        label = name or "linear"
         if not isinstance(module, nn.Linear):
-            raise UnsupportedModuleError(f"{name or module}: QuantLinear wraps nn.Linear, got {type(module).__name__}")
+            raise UnsupportedModuleError(f"{label}: QuantLinear wraps nn.Linear, got {type(module).__name__}")
         w = module.weight.detach()
         layer = cls(module.in_features, module.out_features, weight_spec, act_spec, module.bias, w.dtype)
-        layer._set_weight(w.reshape(module.out_features, 1, module.in_features), name or "linear")
+        w3 = w.reshape(module.out_features, 1, module.in_features)
+        layer._check_finite(w3, label)
+        layer._set_weight(layer._init_branch(w3, smooth, rank, label), label)
         return layer.to(w.device)
 
     @classmethod
