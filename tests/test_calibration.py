@@ -37,14 +37,7 @@ STATIC_I4 = QuantSpec("int4", "tensor", dynamic=False)
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI machine's 2 cores are shared: with 2 intra-op threads under contention, OpenMP spinning makes these
-    small models 5-20x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def calib(family: str, **kw) -> CalibrationConfig:
     inputs: dict = {}

@@ -26,14 +26,7 @@ A8 = QuantSpec("int8", "token")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI machine's 2 cores are shared: with 2 intra-op threads under contention, OpenMP spinning makes these
-    small models 5-20x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def quantize_block(block: nn.Module, wspec: QuantSpec, aspec: QuantSpec | None = A8,
                    prefix: str = "") -> tuple[nn.Module, dict[str, QuantGemm]]:
