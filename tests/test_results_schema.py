@@ -40,3 +40,24 @@ def test_memory_results_meet_the_flux_target():
     rows = {(r["case"], r["variant"]): r for r in doc["rows"]}
     for preset in ("w4a4", "w4a8", "w4a16"):
         assert rows[("flux-dev", preset)]["ratio_vs_fp16"] <= 0.30
+
+
+def _rows(name):
+    doc = json.loads((BENCH / "results" / f"{name}.json").read_text())
+    return {(r["case"], r["variant"]): r for r in doc["rows"]}
+
+
+@pytest.mark.parametrize("model", ["digits-unet", "digits-dit"])
+def test_fidelity_results_show_the_expected_ordering(model):
+    """The shipped models' table: fp32 within 2× of real-vs-real; w8a8 within one pooled std of fp32 in domain-FID;
+    plain w4a4 worse than fp32 by more than two pooled stds; w8a8 more faithful than every 4-bit preset."""
+    rows = _rows("fidelity-2")
+    fp, real = rows[(model, "fp32")], rows[(model, "real-vs-real")]
+    assert fp["fid"] <= 2 * real["fid"]
+    pooled = lambda a, b: ((a["fid_std"] ** 2 + b["fid_std"] ** 2) / 2) ** 0.5  # noqa: E731
+    w8, w4 = rows[(model, "w8a8")], rows[(model, "w4a4")]
+    assert abs(w8["fid"] - fp["fid"]) <= pooled(w8, fp)
+    assert w4["fid"] - fp["fid"] > 2 * pooled(w4, fp)
+    assert all(w8["psnr"] > r["psnr"] for (case, v), r in rows.items() if case == model and "4" in v)
+    if model == "digits-dit":
+        assert fp["accuracy"] >= 0.9
