@@ -28,6 +28,8 @@ class QuantConfig:
     read a U-Net skip concatenation with one quantizer per channel range (Q-Diffusion). act_estimator: how static
     activation ranges are estimated from calibration statistics (``minmax``, ``percentile`` or ``mse``).
     reconstruct: learn the weight rounding block by block on calibration data (BRECQ/AdaRound, as Q-Diffusion).
+    timestep_buckets: static activation ranges per bucket of normalized timestep (TFMQ-DM); temporal_cache: serve
+    the time path from the temporal-feature cache (:mod:`dmq.methods.temporal_cache`).
     """
 
     weight: QuantSpec
@@ -43,6 +45,8 @@ class QuantConfig:
     split_shortcut: bool = False
     act_estimator: str = "mse"
     reconstruct: bool = False
+    timestep_buckets: int = 0
+    temporal_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.weight.granularity == "token":
@@ -59,6 +63,10 @@ class QuantConfig:
             raise ConfigError(f"act_estimator must be 'minmax', 'percentile' or 'mse', got {self.act_estimator!r}")
         if self.reconstruct and not self.needs_calibration:
             raise ConfigError("reconstruction learns from calibration data: set needs_calibration=True")
+        if self.timestep_buckets and (self.activation is None or self.activation.dynamic):
+            raise ConfigError("per-timestep ranges (timestep_buckets) need static activation quantization")
+        if self.timestep_buckets and self.reconstruct:
+            raise ConfigError("block reconstruction with per-timestep ranges is not supported")
         if not isinstance(self.rank, int) or self.rank < 0:
             raise ConfigError(f"rank must be a non-negative integer, got {self.rank!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -101,6 +109,8 @@ class QuantConfig:
             "split_shortcut": self.split_shortcut,
             "act_estimator": self.act_estimator,
             "reconstruct": self.reconstruct,
+            "timestep_buckets": self.timestep_buckets,
+            "temporal_cache": self.temporal_cache,
         }
 
     @classmethod
@@ -115,7 +125,8 @@ class QuantConfig:
                    include=tuple(d["include"]), exclude=tuple(d["exclude"]), name=d["name"],
                    needs_calibration=d["needs_calibration"], rank=d["rank"], smooth_alpha=d["smooth_alpha"],
                    split_shortcut=d["split_shortcut"], act_estimator=d["act_estimator"],
-                   reconstruct=d["reconstruct"])
+                   reconstruct=d["reconstruct"], timestep_buckets=d["timestep_buckets"],
+                   temporal_cache=d["temporal_cache"])
 
 
 @dataclass(frozen=True)
@@ -196,3 +207,8 @@ register_preset("qdiffusion-w4a8",
                             reconstruct=True, needs_calibration=True),
                 "Q-Diffusion: int4 per-channel weights with learned rounding (block reconstruction), int8 static "
                 "activations calibrated over the trajectory, split shortcut on U-Net skip concatenations")
+register_preset("tfmq-w4a8",
+                QuantConfig(_INT4_G128, _INT8_STATIC, modulation=_INT4_G64, timestep_buckets=4, temporal_cache=True,
+                            needs_calibration=True),
+                "TFMQ-DM: int4 g128 weights, int8 static activations with one range per quarter of the schedule, "
+                "time path served by the temporal-feature cache")

@@ -25,7 +25,7 @@ from torch import nn
 from dmq.config import QuantConfig
 from dmq.errors import CheckpointMismatchError, ConfigError, DmqError
 from dmq.nn import LAYER_TYPES, QuantModule, outermost_quant_modules
-from dmq.pipelines.quantize import DMQ_CONFIG_ATTR
+from dmq.pipelines.quantize import DMQ_CONFIG_ATTR, activate_runtime, denoiser_name
 from dmq.report import LayerEntry, QuantReport
 
 __all__ = ["save_quantized", "load_quantized", "base_fingerprint", "quantized_components", "INDEX_FILE",
@@ -203,6 +203,8 @@ def load_quantized(path: str | os.PathLike, pipe: Any) -> Any:
             setattr(model.get_submodule(parent) if parent else model, child, shell)
         model.load_state_dict(state, strict=True)
         setattr(model, DMQ_CONFIG_ATTR, config)
+        if name == denoiser_name(pipe):
+            activate_runtime(pipe, model, config)
     rep = index.get("report")
     if rep is not None:
         pipe.dmq_report = QuantReport(rep["config"], [LayerEntry(**e) for e in rep["entries"]], rep["notes"])

@@ -50,16 +50,22 @@ class QuantGemm(QuantModule):
     act_channel_dim: int = -1
 
     def __init__(self, out_features: int, taps: int, channels: int, weight_spec: QuantSpec,
-                 act_spec: QuantSpec | None, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+                 act_spec: QuantSpec | None, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                 timestep_buckets: int = 0) -> None:
         super().__init__()
         self.out_features, self.taps, self.channels = out_features, taps, channels
         self.weight_spec, self.act_spec = weight_spec, act_spec
         self.compute_dtype = compute_dtype
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         if act_spec is not None and not act_spec.dynamic:
-            self.register_buffer("input_scale", torch.full((), float("nan")))
+            shape = (timestep_buckets,) if timestep_buckets else ()
+            self.register_buffer("input_scale", torch.full(shape, float("nan")))
+        elif timestep_buckets:
+            raise ConfigError("per-timestep activation ranges need a static activation quantizer")
         else:
             self.input_scale = None
+        self.timestep_buckets = timestep_buckets
+        self.timestep_state = None  # a dmq.nn.timestep.TimestepState when timestep_buckets > 0
         for name in ("smooth", "proj_down", "proj_up"):
             self.register_buffer(name, None)  # None buffers stay out of the state dict
         self.rank = 0
@@ -116,11 +122,16 @@ class QuantGemm(QuantModule):
             return x
         scale = None
         if self.input_scale is not None:
-            if torch.isnan(self.input_scale):
+            if torch.isnan(self.input_scale).any():
                 raise CalibrationRequiredError(
                     f"{type(self).__name__} has a static activation quantizer that was never calibrated; "
                     "pass calibration data to dmq.quantize_pipeline")
             scale = self.input_scale
+            if self.timestep_buckets:
+                if self.timestep_state is None or self.timestep_state.bucket is None:
+                    raise CalibrationRequiredError(f"{type(self).__name__} has per-timestep ranges but no timestep "
+                                                   "context: call it through its denoiser")
+                scale = scale[self.timestep_state.bucket]
         return fake_quantize(x, self.act_spec, scale, channel_dim=self.act_channel_dim)
 
     # -- forward -----------------------------------------------------------------------------------------------------
@@ -171,7 +182,7 @@ class QuantGemm(QuantModule):
         if self.bias is not None:
             total += self.bias.numel() * self.bias.element_size()
         if self.input_scale is not None:
-            total += 4
+            total += 4 * self.input_scale.numel()
         for t in (self.smooth, self.proj_down, self.proj_up):
             if t is not None:
                 total += t.numel() * t.element_size()
@@ -186,6 +197,7 @@ class QuantGemm(QuantModule):
             "bias": self.bias is not None,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "rank": self.rank,
+            "timestep_buckets": self.timestep_buckets,
             "smooth": self.smooth is not None,
             "loras": {name: list(cols) for name, cols in self.loras.items()},
             **self._shape_spec(),

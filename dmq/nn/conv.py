@@ -45,16 +45,18 @@ class QuantConv2d(QuantGemm):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
                  stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                  weight_spec: QuantSpec, act_spec: QuantSpec | None, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype) -> None:
+                 compute_dtype: torch.dtype, timestep_buckets: int = 0) -> None:
         kh, kw = kernel_size
-        super().__init__(out_channels, kh * kw, in_channels, weight_spec, act_spec, bias, compute_dtype)
+        super().__init__(out_channels, kh * kw, in_channels, weight_spec, act_spec, bias, compute_dtype,
+                         timestep_buckets)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
 
     @classmethod
     def from_module(cls, module: nn.Conv2d, weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
-                    name: str = "", *, rank: int = 0, smooth: torch.Tensor | None = None) -> "QuantConv2d":
+                    name: str = "", *, rank: int = 0, smooth: torch.Tensor | None = None,
+                    timestep_buckets: int = 0) -> "QuantConv2d":
         """Quantize an ``nn.Conv2d`` (grouped convs and non-zero padding modes raise UnsupportedModuleError), with
         optional smoothing ``(Cin,)`` and a rank-``rank`` SVD branch (see :meth:`QuantGemm._init_branch`)."""
         label = name or "conv"
@@ -62,7 +64,7 @@ class QuantConv2d(QuantGemm):
         w = module.weight.detach()
         cout, cin, kh, kw = w.shape
         layer = cls(cin, cout, (kh, kw), module.stride, module.padding, module.dilation, weight_spec, act_spec,
-                    module.bias, w.dtype)
+                    module.bias, w.dtype, timestep_buckets)
         w3 = w.permute(0, 2, 3, 1).reshape(cout, kh * kw, cin)
         layer._check_finite(w3, label)
         layer._set_weight(layer._init_branch(w3, smooth, rank, label), label)
@@ -77,7 +79,8 @@ class QuantConv2d(QuantGemm):
             bias = torch.empty(spec["out_channels"], dtype=dtype) if spec["bias"] else None
             layer = cls(spec["in_channels"], spec["out_channels"], (kh, kw), spec["stride"], spec["padding"],
                         spec["dilation"], QuantSpec.from_dict(spec["weight"]),
-                        QuantSpec.from_dict(spec["activation"]) if spec["activation"] else None, bias, dtype)
+                        QuantSpec.from_dict(spec["activation"]) if spec["activation"] else None, bias, dtype,
+                        spec.get("timestep_buckets", 0))
             layer._set_weight(torch.empty(spec["out_channels"], kh * kw, spec["in_channels"]), "")
         layer._shell_branch(spec, kh * kw * spec["in_channels"])
         return layer

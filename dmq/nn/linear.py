@@ -23,20 +23,23 @@ class QuantLinear(QuantGemm):
     """
 
     def __init__(self, in_features: int, out_features: int, weight_spec: QuantSpec, act_spec: QuantSpec | None,
-                 bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
-        super().__init__(out_features, 1, in_features, weight_spec, act_spec, bias, compute_dtype)
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype, timestep_buckets: int = 0) -> None:
+        super().__init__(out_features, 1, in_features, weight_spec, act_spec, bias, compute_dtype,
+                         timestep_buckets)
         self.in_features = in_features
 
     @classmethod
     def from_module(cls, module: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None = None,
-                    name: str = "", *, rank: int = 0, smooth: torch.Tensor | None = None) -> "QuantLinear":
+                    name: str = "", *, rank: int = 0, smooth: torch.Tensor | None = None,
+                    timestep_buckets: int = 0) -> "QuantLinear":
         """Quantize an ``nn.Linear`` (or subclass), with optional smoothing ``(K,)`` and a rank-``rank`` SVD branch
         (see :meth:`QuantGemm._init_branch`). ``name`` is used in error messages."""
         label = name or "linear"
         if not isinstance(module, nn.Linear):
             raise UnsupportedModuleError(f"{label}: QuantLinear wraps nn.Linear, got {type(module).__name__}")
         w = module.weight.detach()
-        layer = cls(module.in_features, module.out_features, weight_spec, act_spec, module.bias, w.dtype)
+        layer = cls(module.in_features, module.out_features, weight_spec, act_spec, module.bias, w.dtype,
+                    timestep_buckets)
         w3 = w.reshape(module.out_features, 1, module.in_features)
         layer._check_finite(w3, label)
         layer._set_weight(layer._init_branch(w3, smooth, rank, label), label)
@@ -49,7 +52,8 @@ class QuantLinear(QuantGemm):
         with torch.device("meta"):
             bias = torch.empty(spec["out_features"], dtype=dtype) if spec["bias"] else None
             layer = cls(spec["in_features"], spec["out_features"], QuantSpec.from_dict(spec["weight"]),
-                        QuantSpec.from_dict(spec["activation"]) if spec["activation"] else None, bias, dtype)
+                        QuantSpec.from_dict(spec["activation"]) if spec["activation"] else None, bias, dtype,
+                        spec.get("timestep_buckets", 0))
             layer._set_weight(torch.empty(spec["out_features"], 1, spec["in_features"]), "")
         layer._shell_branch(spec, spec["in_features"])
         return layer

@@ -7,7 +7,7 @@ unsupported targeted module) leaves the pipeline exactly as it was.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from dmq.config import QuantConfig, resolve_config
 from dmq.errors import CalibrationRequiredError, ConfigError, UnsupportedModuleError, UnsupportedPipelineError
 from dmq.formats import QuantSpec
 from dmq.methods.smoothing import smoothing_factors, weight_channel_absmax
-from dmq.nn import QuantModule, quantize_module, why_unsupported
+from dmq.nn import QuantConv2d, QuantGemm, QuantLinear, QuantModule, quantize_module, why_unsupported
 from dmq.nn.split import SplitQuantConv2d
 from dmq.nn.svdquant import SVDQuantConv2d, SVDQuantLinear
 from dmq.pipelines.roles import ArchRoles, matches_any, roles_for
@@ -117,12 +117,15 @@ def build_layer(plan: LayerPlan, config: QuantConfig, act_absmax: torch.Tensor |
     smooth = None
     if plan.action == "quantized" and config.smooth_alpha is not None and act_absmax is not None:
         smooth = smoothing_factors(act_absmax, weight_channel_absmax(module), config.smooth_alpha)
-    if plan.action != "quantized" or (config.rank == 0 and smooth is None):
+    if plan.action != "quantized":
         return quantize_module(module, weight, act, name=name)
     n = module.out_features if isinstance(module, nn.Linear) else module.out_channels
     k = module.weight[0].numel()
-    cls = SVDQuantLinear if isinstance(module, nn.Linear) else SVDQuantConv2d
-    return cls.from_module(module, weight, act, name, rank=min(config.rank, n, k), smooth=smooth)
+    if config.rank or smooth is not None:
+        cls = SVDQuantLinear if isinstance(module, nn.Linear) else SVDQuantConv2d
+        return cls.from_module(module, weight, act, name, rank=min(config.rank, n, k), smooth=smooth)
+    cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+    return cls.from_module(module, weight, act, name, timestep_buckets=config.timestep_buckets)
 
 
 def describe_layer(layer: QuantModule) -> str:
@@ -185,6 +188,33 @@ def quantize_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, comp
     return entries
 
 
+def _calibrate_bucketed(pipe: Any, built: dict[str, QuantModule], calibration: Any, method: str,
+                        progress: bool) -> None:
+    """One static range per timestep bucket for every static activation quantizer among ``built``."""
+    from dmq.calibration import collect, estimate_bucket_scales, static_activation_targets
+
+    targets = static_activation_targets(built)
+    result = collect(pipe, list(targets), calibration, progress=progress)
+    scales = {name: estimate_bucket_scales(result.stats[name], layer.act_spec, method)
+              for name, layer in targets.items()}
+    for name, layer in targets.items():
+        layer.input_scale.copy_(scales[name].to(layer.input_scale))
+
+
+def activate_runtime(pipe: Any, model: nn.Module, config: QuantConfig) -> None:
+    """Hooks a quantized denoiser needs at run time: the timestep context of per-timestep ranges, and the temporal
+    cache when the config asks for it. Called after quantization and after loading."""
+    from dmq.methods.temporal_cache import enable_temporal_cache
+    from dmq.nn.timestep import attach_timestep_state
+
+    bucketed = [m for m in model.modules() if isinstance(m, QuantGemm) and m.timestep_buckets]
+    if bucketed:
+        n_train = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps", 1000) or 1000
+        attach_timestep_state(model, bucketed, bucketed[0].timestep_buckets, n_train, roles_for(model).family)
+    if config.temporal_cache and getattr(model, "dmq_temporal_cache", None) is None:
+        enable_temporal_cache(pipe)
+
+
 def _prepare_calibrated(pipe: Any, model: nn.Module, cfg: QuantConfig, roles: ArchRoles, component: str,
                         calibration: Any, report: QuantReport, progress: bool,
                         ) -> tuple[list[LayerEntry], dict[str, QuantModule]]:
@@ -204,7 +234,12 @@ def _prepare_calibrated(pipe: Any, model: nn.Module, cfg: QuantConfig, roles: Ar
         report.notes.append(f"smoothing (alpha {cfg.smooth_alpha}) from {calibration.num_samples} calibration "
                             f"samples, sampler {calibration.sampler!r}")
     entries, built = prepare_model(model, cfg, roles, component, progress, act_absmax=act_absmax)
-    if cfg.activation is not None and not cfg.activation.dynamic:
+    if cfg.timestep_buckets:
+        _calibrate_bucketed(pipe, built, replace(calibration, per_timestep_buckets=cfg.timestep_buckets),
+                            cfg.act_estimator, progress)
+        report.notes.append(f"static activation ranges ({cfg.act_estimator}) per timestep bucket "
+                            f"({cfg.timestep_buckets} buckets of normalized t) from {calibration.num_samples} samples")
+    elif cfg.activation is not None and not cfg.activation.dynamic:
         calibrate_activation_scales(pipe, built, calibration, method=cfg.act_estimator, progress=progress)
         report.notes.append(f"static activation ranges ({cfg.act_estimator}) from {calibration.num_samples} "
                             f"calibration samples, sampler {calibration.sampler!r}")
@@ -254,6 +289,7 @@ def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = N
         prepared[name] = built
     for name, built in prepared.items():
         commit_model(models[name], built, cfg)
+    activate_runtime(pipe, models[main], cfg)
     pipe.dmq_report = report
     logger.info("%s", report)
     return pipe
