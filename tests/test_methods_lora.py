@@ -142,3 +142,29 @@ def test_save_load_keeps_the_lora_branch(tmp_path):
     dmq.save_quantized(q, tmp_path / "q")
     q2 = dmq.load_quantized(tmp_path / "q", build_pipeline(FAMILY))
     assert torch.equal(_out(q2), ref)
+
+
+def test_diffusers_load_lora_weights_is_routed_to_the_branch():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tiny_pipelines import call_pipeline
+
+    pipe = dmq.quantize_pipeline(build_pipeline("sd"), "w8a8", progress=False)
+    unet = pipe.unet
+    quantized = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    kept = "time_embedding.linear_1"  # 16-bit by the role view: peft takes it as usual
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name in (quantized, kept):
+        m = unet.get_submodule(name)
+        k, n = m.in_features, m.out_features
+        sd[f"unet.{name}.lora_A.weight"] = torch.randn(4, k, generator=g) / k ** 0.5
+        sd[f"unet.{name}.lora_B.weight"] = torch.randn(n, 4, generator=g)
+    base = call_pipeline(pipe, "sd")
+    pipe.load_lora_weights(sd, adapter_name="style")
+    assert unet.get_submodule(quantized).loras == {"style": (0, 4)}
+    assert isinstance(unet.get_submodule(kept), BaseTunerLayer)
+    assert not torch.equal(call_pipeline(pipe, "sd"), base)
+    remove_lora(pipe, "style")
+    pipe.delete_adapters("style")
+    torch.testing.assert_close(call_pipeline(pipe, "sd"), base, rtol=0, atol=1e-6)

@@ -21,7 +21,7 @@ from torch import nn
 from dmq.errors import DmqError
 from dmq.nn.base import QuantGemm
 
-__all__ = ["add_lora", "remove_lora", "parse_lora_state_dict"]
+__all__ = ["add_lora", "remove_lora", "parse_lora_state_dict", "add_lora_to_model", "route_diffusers_loras"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,11 @@ def add_lora(pipe: Any, lora: Mapping[str, Any], scale: float = 1.0, name: str =
     forward hook. Unknown module names, shape mismatches and a name already in use raise DmqError naming the key;
     nothing is applied unless everything fits.
     """
-    model = _denoiser(pipe)
+    add_lora_to_model(_denoiser(pipe), lora, scale, name)
+
+
+def add_lora_to_model(model: nn.Module, lora: Mapping[str, Any], scale: float = 1.0, name: str = "default") -> None:
+    """:func:`add_lora` on a denoiser module."""
     registry = model.__dict__.setdefault("_dmq_loras", {})
     if name in registry:
         raise DmqError(f"a LoRA named {name!r} is already added; remove_lora it first or pick another name")
@@ -179,3 +183,45 @@ def remove_lora(pipe: Any, name: str) -> None:
         for other, (s, k) in list(layer.loras.items()):
             if s > start:
                 layer.loras[other] = (s - r, k)
+
+
+def _module_of(key: str) -> str:
+    for suffixes in _SUFFIXES.values():
+        for suffix in suffixes:
+            if key.endswith(suffix):
+                return re.sub(r"\.default$", "", key[: -len(suffix)])
+    return key
+
+
+def route_diffusers_loras(model: nn.Module) -> None:
+    """Make diffusers' ``pipe.load_lora_weights`` work on a quantized denoiser: its ``load_lora_adapter`` is wrapped
+    so that the LoRA matrices of dmq-quantized layers go into their low-rank branch (under the adapter name; remove
+    with :func:`remove_lora`) and the rest goes to diffusers/peft as before. peft would otherwise wrap (or fail on)
+    the quantized layers."""
+    original = getattr(model, "load_lora_adapter", None)
+    if original is None or getattr(original, "_dmq_routed", False):
+        return
+
+    def load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False, **kwargs):
+        sd = pretrained_model_name_or_path_or_dict
+        if not isinstance(sd, Mapping):
+            raise DmqError("on a dmq-quantized model, load LoRAs from a state dict (pipe.load_lora_weights(dict) or "
+                           "dmq.add_lora); loading from a path or hub id is not routed")
+        quantized = {n for n, m in model.named_modules() if isinstance(m, QuantGemm)}
+        strip = (lambda k: k.removeprefix(f"{prefix}.")) if prefix else (lambda k: k)
+        mine = {strip(k): v for k, v in sd.items()
+                if (prefix is None or k.startswith(f"{prefix}.")) and _module_of(strip(k)) in quantized}
+        rest = {k: v for k, v in sd.items() if strip(k) not in mine}
+        alphas = kwargs.get("network_alphas") or {}
+        for key, alpha in alphas.items():
+            module = _module_of(strip(key).removesuffix(".alpha") + ".lora_A.weight")
+            if module in quantized:
+                mine[f"{module}.alpha"] = torch.as_tensor(alpha)
+        if mine:
+            add_lora_to_model(model, mine, 1.0, kwargs.get("adapter_name") or "default")
+        if any(k.startswith(f"{prefix}.") if prefix else True for k in rest):
+            return original(rest, prefix=prefix, hotswap=hotswap, **kwargs)
+        return None
+
+    load_lora_adapter._dmq_routed = True
+    model.load_lora_adapter = load_lora_adapter

@@ -202,11 +202,14 @@ def _calibrate_bucketed(pipe: Any, built: dict[str, QuantModule], calibration: A
 
 
 def activate_runtime(pipe: Any, model: nn.Module, config: QuantConfig) -> None:
-    """Hooks a quantized denoiser needs at run time: the timestep context of per-timestep ranges, and the temporal
-    cache when the config asks for it. Called after quantization and after loading."""
+    """What a quantized denoiser needs at run time: diffusers' LoRA loading routed to dmq, the timestep context of
+    per-timestep ranges, and the temporal cache when the config asks for it. Called after quantization and after
+    loading."""
+    from dmq.methods.lora import route_diffusers_loras
     from dmq.methods.temporal_cache import enable_temporal_cache
     from dmq.nn.timestep import attach_timestep_state
 
+    route_diffusers_loras(model)
     bucketed = [m for m in model.modules() if isinstance(m, QuantGemm) and m.timestep_buckets]
     if bucketed:
         n_train = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps", 1000) or 1000
