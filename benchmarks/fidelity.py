@@ -35,7 +35,7 @@ from dmq.models import load  # noqa: E402
 SAMPLERS = ("uniform", "normal", "eda")
 
 
-def parse_variant(variant: str, model: str, calib_samples: int, steps: int | None, seed: int):
+def parse_variant(variant: str, model: str, calib_samples: int, calib_steps: int, seed: int):
     """``(QuantConfig, CalibrationConfig | None)`` of a variant string."""
     name, *mods = variant.split(":")
     cfg = get_preset(name)
@@ -57,7 +57,7 @@ def parse_variant(variant: str, model: str, calib_samples: int, steps: int | Non
         return cfg, None
     labels = tuple(range(10)) if model == "digits-dit" else None
     calib = CalibrationConfig(class_labels=labels, num_samples=calib_samples, batch_size=min(calib_samples, 16),
-                              num_inference_steps=steps or 25, sampler=sampler, num_timesteps=num_timesteps,
+                              num_inference_steps=calib_steps, sampler=sampler, num_timesteps=num_timesteps,
                               seed=seed + 1000)
     return cfg, calib
 
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=180, help="per seed (held-out has 360: baseline 2 × N)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--calibration-steps", type=int, default=25, help="steps of each calibration trajectory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", default="fidelity", help="results/<name>.json")
     args = parser.parse_args()
@@ -93,7 +94,7 @@ def main() -> None:
         rows.append(fp_row)
         print(fp_row, flush=True)
         for variant in variants:
-            cfg, calib = parse_variant(variant, model, args.calibration_samples, steps, 0)
+            cfg, calib = parse_variant(variant, model, args.calibration_samples, args.calibration_steps, 0)
             pipe = load(model, device=args.device)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
