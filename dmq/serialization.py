@@ -133,15 +133,19 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointMismatchError(f"{path} is missing: not a dmq checkpoint directory") from None
 
 
+def _check_format(version: Any, where: str) -> None:
+    if version != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{where}: dmq checkpoint format {version} is not supported (this dmq reads "
+                                      f"format {FORMAT_VERSION})")
+
+
 def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[str, QuantModule], dict, QuantConfig]:
     """Check that a saved component fits ``model`` and load its tensors; the model is not changed."""
     saved = _read_json(cdir / "config.json")
     qc = saved.get("quantization_config") or {}
     if qc.get("quant_method") != "dmq":
         raise CheckpointMismatchError(f"{cdir / 'config.json'} has no dmq quantization_config")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointMismatchError(f"{name}: checkpoint format {qc.get('format_version')} is not supported "
-                                      f"(this dmq reads format {FORMAT_VERSION})")
+    _check_format(qc.get("format_version"), name)
     if saved["_class_name"] != type(model).__name__:
         raise CheckpointMismatchError(f"{name}: checkpoint is for a {saved['_class_name']}, the pipeline has a "
                                       f"{type(model).__name__}")
@@ -185,9 +189,7 @@ def load_quantized(path: str | os.PathLike, pipe: Any) -> Any:
     """
     path = Path(path)
     index = _read_json(path / INDEX_FILE)
-    if index.get("format_version") != FORMAT_VERSION:
-        raise CheckpointMismatchError(f"{path}: dmq checkpoint format {index.get('format_version')} is not "
-                                      f"supported (this dmq reads format {FORMAT_VERSION})")
+    _check_format(index.get("format_version"), str(path))
     if index["pipeline_class"] != type(pipe).__name__:
         raise CheckpointMismatchError(f"{path} was saved from a {index['pipeline_class']}, not a "
                                       f"{type(pipe).__name__}")
