@@ -28,8 +28,8 @@ from dmq.nn import LAYER_TYPES, QuantModule, outermost_quant_modules
 from dmq.pipelines.quantize import DMQ_CONFIG_ATTR, activate_runtime, denoiser_name
 from dmq.report import LayerEntry, QuantReport
 
-__all__ = ["save_quantized", "load_quantized", "base_fingerprint", "quantized_components", "INDEX_FILE",
-           "WEIGHTS_NAME", "FORMAT_VERSION"]
+__all__ = ["save_quantized", "load_quantized", "base_fingerprint", "quantized_components", "check_quant_config",
+           "build_shells", "check_tensor_names", "install_layers", "INDEX_FILE", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def _write_component(model: nn.Module, out: Path) -> None:
         "quant_method": "dmq",
         "dmq_version": __version__,
         "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
         "config": getattr(model, DMQ_CONFIG_ATTR).to_dict(),
         "layers": {name: layer.layer_spec() for name, layer in layers.items()},
         "fingerprint": base_fingerprint(model, set(layers)),
@@ -139,13 +140,44 @@ def _check_format(version: Any, where: str) -> None:
                                       f"format {FORMAT_VERSION})")
 
 
+def check_quant_config(qc: Any, where: str) -> None:
+    """CheckpointMismatchError unless ``qc`` (a component's saved ``quantization_config``) is dmq's, in a format
+    this dmq reads."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != "dmq":
+        raise CheckpointMismatchError(f"{where}: no dmq quantization_config (not a dmq-quantized model)")
+    _check_format(qc.get("format_version"), where)
+
+
+def build_shells(layers: dict[str, dict], where: str) -> dict[str, QuantModule]:
+    """Empty quantized layers (meta buffers) for the saved layer specs ``{module name: spec}``."""
+    shells = {}
+    for lname, spec in layers.items():
+        if spec.get("type") not in LAYER_TYPES:
+            raise CheckpointMismatchError(f"{where}.{lname}: unknown layer type {spec.get('type')!r}")
+        shells[lname] = LAYER_TYPES[spec["type"]].from_layer_spec(spec)
+    return shells
+
+
+def check_tensor_names(where: str, expected: set[str], found: set[str]) -> None:
+    """CheckpointMismatchError unless a checkpoint's tensor names are exactly the ones the model expects."""
+    if found != expected:
+        missing, extra = sorted(expected - found)[:5], sorted(found - expected)[:5]
+        raise CheckpointMismatchError(f"{where}: checkpoint tensors do not match the model (missing {missing}, "
+                                      f"unexpected {extra})")
+
+
+def install_layers(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Put ``layers`` (by module name) into ``model`` in place of the modules of those names."""
+    for lname, layer in layers.items():
+        parent, _, child = lname.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
 def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[str, QuantModule], dict, QuantConfig]:
     """Check that a saved component fits ``model`` and load its tensors; the model is not changed."""
     saved = _read_json(cdir / "config.json")
     qc = saved.get("quantization_config") or {}
-    if qc.get("quant_method") != "dmq":
-        raise CheckpointMismatchError(f"{cdir / 'config.json'} has no dmq quantization_config")
-    _check_format(qc.get("format_version"), name)
+    check_quant_config(qc, f"{name} ({cdir / 'config.json'})")
     if saved["_class_name"] != type(model).__name__:
         raise CheckpointMismatchError(f"{name}: checkpoint is for a {saved['_class_name']}, the pipeline has a "
                                       f"{type(model).__name__}")
@@ -163,21 +195,14 @@ def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[st
         raise CheckpointMismatchError(
             f"{name}: the pipeline's weights are not the ones this checkpoint was quantized from (fingerprint of the "
             "16-bit weights differs: another fine-tune, or another dtype?)")
-    shells = {}
     device = next(model.parameters()).device
-    for lname, spec in layers.items():
-        if spec["type"] not in LAYER_TYPES:
-            raise CheckpointMismatchError(f"{name}.{lname}: unknown layer type {spec['type']!r}")
-        # materialised (not assigned from the file) so every tensor gets torch's own aligned allocation: CPU BLAS
-        # kernels can pick another summation order for a misaligned mmap-ed tensor
-        shells[lname] = LAYER_TYPES[spec["type"]].from_layer_spec(spec).to_empty(device=device)
+    # materialised (not assigned from the file) so every tensor gets torch's own aligned allocation: CPU BLAS
+    # kernels can pick another summation order for a misaligned mmap-ed tensor
+    shells = {lname: shell.to_empty(device=device) for lname, shell in build_shells(layers, name).items()}
     state = load_file(str(cdir / WEIGHTS_NAME), device=str(device))
     expected = {k for k in model.state_dict() if not _owned(k, layers)}
     expected |= {f"{lname}.{k}" for lname, shell in shells.items() for k in shell.state_dict()}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
-        raise CheckpointMismatchError(f"{name}: checkpoint tensors do not match the model (missing {missing}, "
-                                      f"unexpected {extra})")
+    check_tensor_names(name, expected, set(state))
     return shells, state, QuantConfig.from_dict(qc["config"])
 
 
@@ -200,9 +225,7 @@ def load_quantized(path: str | os.PathLike, pipe: Any) -> Any:
             raise CheckpointMismatchError(f"the pipeline has no component {name!r} to load into")
         prepared[name] = (model, *_prepare_component(model, name, path / name))
     for name, (model, shells, state, config) in prepared.items():
-        for lname, shell in shells.items():
-            parent, _, child = lname.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, shell)
+        install_layers(model, shells)
         model.load_state_dict(state, strict=True)
         setattr(model, DMQ_CONFIG_ATTR, config)
         if name == denoiser_name(pipe):
