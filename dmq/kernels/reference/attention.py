@@ -1,0 +1,124 @@
+"""Reference: 8-bit attention (SageAttention2-style), non-causal, no mask.
+
+Q and K are quantized to int8, K after subtracting its mean over tokens (exact for softmax: it shifts every row
+of ``QKᵀ`` by a constant), with one scale per block of tokens per head; ``QKᵀ`` is an exact integer product; the
+softmax runs online in fp32 base 2 (``scale · log2 e`` is folded into Q before quantization); the probabilities
+``P̃ = exp2(s - m) ∈ [0, 1]`` are multiplied by 448 and rounded to fp8 e4m3, V is fp8 e4m3 with one scale per
+channel per block of :data:`BLOCK_V` tokens, and each key block's ``P̃V`` starts from a fresh fp32 accumulator
+that is rescaled by V's scales and added to the running one (two-level accumulation: Hopper's fp8 MMA accumulates
+with limited precision, and the per-block V scales need it anyway).
+
+:func:`quantize_qkv` gives the codes in the padded layout the Triton kernel reads (bit for bit the Triton
+pre-kernel's output); :func:`int8_attention` computes attention from them with key blocks of :data:`BLOCK_N`
+(the online softmax depends on the block size through the fp8 rounding of ``P̃``; the GPU autotuner may choose
+128). The fidelity reference is ``torch.nn.functional.scaled_dot_product_attention`` in 16 bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["quantize_qkv", "int8_attention", "head_dim_padded", "BLOCK_Q", "BLOCK_K", "BLOCK_V", "BLOCK_N", "PAD",
+           "P_SCALE", "LOG2E"]
+
+BLOCK_Q = 64      #: tokens per Q scale
+BLOCK_K = 64      #: tokens per K scale
+BLOCK_V = 128     #: tokens per V scale (one per channel)
+BLOCK_N = 64      #: key block of the online softmax in this reference (the kernel's fixed / interpreter config)
+PAD = 128         #: token counts of the code buffers are padded to this (the largest kernel tile)
+P_SCALE = 448.0   #: P̃ ∈ [0, 1] is multiplied by this (fp8 e4m3's largest value) before rounding
+LOG2E = 1.4426950408889634
+
+
+def head_dim_padded(d: int) -> int:
+    """Head dim of the code buffers: the next power of two, at least 16 (zero channels change no product)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _pad_tokens(n: int) -> int:
+    return -(-n // PAD) * PAD
+
+
+def _flat_padded(x: torch.Tensor, n_pad: int, d_pad: int) -> torch.Tensor:
+    """(B, H, N, D) → fp32 (B·H, n_pad, d_pad), zeros outside."""
+    b, h, n, d = x.shape
+    out = x.new_zeros((b * h, n_pad, d_pad), dtype=torch.float32)
+    out[:, :n, :d] = x.reshape(b * h, n, d).float()
+    return out
+
+
+def _int8_blocks(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 (BH, N, D), N a multiple of blk → int8 codes (BH, N, D), fp32 scales (BH, N/blk) = amax / 127."""
+    bh, n, d = x.shape
+    xb = x.reshape(bh, n // blk, blk * d)
+    s = xb.abs().amax(dim=-1) / 127.0
+    codes = torch.round(xb / torch.where(s > 0, s, 1.0)[..., None]).clamp_(-127, 127)
+    return codes.to(torch.int8).reshape(bh, n, d), s
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, qk_scale: float,
+                 ) -> tuple[torch.Tensor, ...]:
+    """Quantize Q, K, V for the attention kernel.
+
+    q: ``(B, H, Nq, D)``, k / v: ``(B, H, Nk, D)``, 16-bit (or fp32). k_mean: fp32 ``(B, H, D)``, K's mean over
+    tokens. qk_scale: the softmax scale times log2 e (multiplied into Q in fp32 before quantization).
+
+    Returns, with ``BH = B·H``, ``Nqp / Nkp`` the token counts padded to :data:`PAD` and ``Dp =``
+    :func:`head_dim_padded` ``(D)`` (codes and scales are zero in the padding):
+    ``q_codes`` int8 ``(BH, Nqp, Dp)``, ``q_scales`` fp32 ``(BH, Nqp/BLOCK_Q)``, ``k_codes`` int8 ``(BH, Nkp, Dp)``
+    of ``K - k_mean``, ``k_scales`` fp32 ``(BH, Nkp/BLOCK_K)``, ``v_codes_t`` float8_e4m3fn ``(BH, Dp, Nkp)``
+    (transposed: tokens contiguous, as Hopper's fp8 MMA reads its second operand), ``v_scales`` fp32
+    ``(BH, Nkp/BLOCK_V, Dp)`` = per-channel amax / 448 over each block. Int8 scales are amax / 127, codes
+    round-half-even(x / scale) clamped to ±127; every division is correctly rounded.
+    """
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    nqp, nkp, dp = _pad_tokens(nq), _pad_tokens(nk), head_dim_padded(d)
+    qf = _flat_padded(q, nqp, dp) * qk_scale
+    kf = _flat_padded(k, nkp, dp)
+    kf[:, :nk, :d] -= k_mean.reshape(b * h, 1, d).float()
+    q_codes, q_scales = _int8_blocks(qf, BLOCK_Q)
+    k_codes, k_scales = _int8_blocks(kf, BLOCK_K)
+    vb = _flat_padded(v, nkp, dp).reshape(b * h, nkp // BLOCK_V, BLOCK_V, dp)
+    v_scales = vb.abs().amax(dim=2) / P_SCALE
+    vq = (vb / torch.where(v_scales > 0, v_scales, 1.0)[:, :, None, :]).clamp_(-P_SCALE, P_SCALE)
+    v_codes_t = vq.to(torch.float8_e4m3fn).reshape(b * h, nkp, dp).transpose(1, 2).contiguous()
+    return q_codes, q_scales, k_codes, k_scales, v_codes_t, v_scales
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``softmax(Q Kᵀ · scale) V`` with 8-bit operands (see the module docstring for the exact quantization).
+
+    q: ``(B, H, Nq, D)``; k, v: ``(B, H, Nk, D)``; 16-bit, same dtype. scale: softmax scale, default
+    ``1/sqrt(D)``. Returns ``(B, H, Nq, D)`` in q's dtype.
+    """
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k_mean = k.float().mean(dim=2)
+    qc, sq, kc, sk, vt, sv = quantize_qkv(q, k, v, k_mean, scale * LOG2E)
+    nkp = kc.shape[1]
+    qf = qc.float()
+    sq_rows = sq.repeat_interleave(BLOCK_Q, dim=1)[:, :, None]          # (BH, Nqp, 1)
+    sk_cols = sk.repeat_interleave(BLOCK_K, dim=1)[:, None, :]          # (BH, 1, Nkp)
+    bh, nqp, dp = qf.shape
+    m = torch.full((bh, nqp), float("-inf"))
+    l = torch.zeros((bh, nqp))
+    acc = torch.zeros((bh, nqp, dp))
+    cols = torch.arange(nkp)
+    for start in range(0, nk, BLOCK_N):
+        sl = slice(start, start + BLOCK_N)
+        s = (qf @ kc[:, sl].float().transpose(1, 2)) * sq_rows * sk_cols[:, :, sl]   # exact integer product
+        s = torch.where(cols[sl][None, None, :] < nk, s, float("-inf"))
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        p = torch.exp2(s - m_new[..., None])
+        alpha = torch.exp2(m - m_new)
+        l = l * alpha + p.sum(dim=-1)
+        p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
+        pv = p8 @ vt[:, :, sl].float().transpose(1, 2)
+        acc = acc * alpha[..., None] + pv * sv[:, start // BLOCK_V][:, None, :]
+        m = m_new
+    o = acc / (l * P_SCALE)[..., None]
+    return o[:, :nq, :d].reshape(b, h, nq, d).to(q.dtype)
