@@ -15,24 +15,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_demo", "save_grid", "format_table"]
+__all__ = ["run_demo", "format_table"]
 
 logger = logging.getLogger(__name__)
-
-
-def save_grid(rows: list[torch.Tensor], path: Path, columns: int) -> None:
-    """Save image rows (each ``(N, 1, H, W)`` in [0, 1]) as one PNG, ``columns`` images per line, 2 px gaps."""
-    from PIL import Image
-
-    tiles = []
-    for row in rows:
-        for start in range(0, len(row), columns):
-            chunk = row[start:start + columns]
-            if len(chunk) < columns:
-                chunk = torch.cat([chunk, torch.zeros(columns - len(chunk), *chunk.shape[1:])])
-            tiles.append(torch.cat([torch.nn.functional.pad(t, (1, 1, 1, 1), value=0.5) for t in chunk], dim=-1))
-    grid = torch.cat(tiles, dim=-2)[0]
-    Image.fromarray((grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), mode="L").save(path)
 
 
 def _denoiser_bytes(model: torch.nn.Module) -> int:
@@ -48,6 +33,7 @@ def run_demo(out: str | Path = "dmq-demo", model: str = "digits-dit", preset: st
     from dmq.config import get_preset
     from dmq.evaluation.digits import DigitsMetrics, generate
     from dmq.evaluation.fidelity import mean_std, psnr, ssim
+    from dmq.evaluation.grids import difference, save_grid
     from dmq.models import load
 
     out = Path(out)
@@ -68,7 +54,7 @@ def run_demo(out: str | Path = "dmq-demo", model: str = "digits-dit", preset: st
     q_bytes = _denoiser_bytes(getattr(quant, denoiser))
     ref, labels = generate(fp, num_images, seed, batch_size=num_images, num_inference_steps=steps, progress=progress)
     img, _ = generate(quant, num_images, seed, batch_size=num_images, num_inference_steps=steps, progress=progress)
-    save_grid([ref, img, ((ref - img).abs() * 4).clamp(0, 1)], out / "grid.png", columns=10)
+    save_grid([ref, img, difference(ref, img)], out / "grid.png", columns=10)
     metrics = DigitsMetrics()
     p, s = psnr(ref, img).tolist(), ssim(ref, img).tolist()
     result: dict[str, Any] = {

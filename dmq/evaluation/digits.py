@@ -34,13 +34,11 @@ class DigitsMetrics:
         self.real_labels = held.labels.to(self.device)
 
     def _fid(self, real: torch.Tensor, fake: torch.Tensor) -> float:
-        from torchmetrics.image.fid import FrechetInceptionDistance
+        from dmq.evaluation.fid import extract_features, fid_from_features
 
-        metric = FrechetInceptionDistance(feature=self.classifier.feature_extractor(), normalize=True)
-        metric = metric.to(self.device)
-        metric.update(real.to(self.device), real=True)
-        metric.update(fake.to(self.device), real=False)
-        return float(metric.compute())
+        features = self.classifier.feature_extractor()
+        return fid_from_features(extract_features(features, real.to(self.device)),
+                                 extract_features(features, fake.to(self.device)))
 
     def fid(self, fake: torch.Tensor, n_real: int | None = None, seed: int = 0) -> float:
         """FID of ``fake`` ``(N, 1, H, W)`` in [0, 1] against ``n_real`` held-out images (default: N, at most all)."""
