@@ -53,6 +53,27 @@ def test_lowrank_plus_residual_reconstructs_smoothed_weight():
     assert torch.linalg.matrix_norm(residual, ord=2) == pytest.approx(float(s[32]), rel=1e-3)
 
 
+def test_randomized_top_singular_matches_exact_svd_on_a_large_weight():
+    """Above EXACT_SVD_MAX the branch comes from a seeded randomized subspace iteration: deterministic, and it
+    captures the same energy as the exact SVD (trained weights have a decaying spectrum; so does this one)."""
+    from dmq.methods.lowrank import EXACT_SVD_MAX, captured_energy
+
+    g = torch.Generator().manual_seed(0)
+    n, k = EXACT_SVD_MAX + 76, EXACT_SVD_MAX + 276
+    decay = torch.logspace(0, -3, min(n, k))
+    u = torch.linalg.qr(torch.randn(n, min(n, k), generator=g)).Q
+    v = torch.linalg.qr(torch.randn(k, min(n, k), generator=g)).Q
+    w = (u * decay) @ v.T + 1e-3 * torch.randn(n, k, generator=g)
+    exact = lowrank_split(w, 32, torch.float32, method="exact")
+    fast = lowrank_split(w, 32, torch.float32)  # auto → randomized at this size
+    again = lowrank_split(w, 32, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(fast, again))
+    torch.testing.assert_close((fast[0] @ fast[1]).T + fast[2], w, rtol=0, atol=1e-5)
+    # a slowly decaying spectrum is the hard case: the residual is still within 0.1% of the optimal one
+    left_exact, left_fast = 1 - captured_energy(w, *exact[:2]), 1 - captured_energy(w, *fast[:2])
+    assert left_exact <= left_fast <= left_exact * 1.001
+
+
 def test_error_ordering_rtn_smoothquant_svdquant_also_at_equal_bytes():
     lin, x = _outlier_layer()
     rank = 512 // 16  # ≤ min(K, N) / 8
