@@ -29,7 +29,9 @@ class QuantConfig:
     activation ranges are estimated from calibration statistics (``minmax``, ``percentile`` or ``mse``).
     reconstruct: learn the weight rounding block by block on calibration data (BRECQ/AdaRound, as Q-Diffusion).
     timestep_buckets: static activation ranges per bucket of normalized timestep (TFMQ-DM); temporal_cache: serve
-    the time path from the temporal-feature cache (:mod:`dmq.methods.temporal_cache`).
+    the time path from the temporal-feature cache (:mod:`dmq.methods.temporal_cache`). attention: ``"int8"`` runs
+    the self- and joint-attention of the denoiser with 8-bit attention (int8 QKᵀ, fp8 PV,
+    :mod:`dmq.methods.attention`); None keeps it 16-bit.
     """
 
     weight: QuantSpec
@@ -47,6 +49,7 @@ class QuantConfig:
     reconstruct: bool = False
     timestep_buckets: int = 0
     temporal_cache: bool = False
+    attention: str | None = None
 
     def __post_init__(self) -> None:
         if self.weight.granularity == "token":
@@ -67,6 +70,8 @@ class QuantConfig:
             raise ConfigError("per-timestep ranges (timestep_buckets) need static activation quantization")
         if self.timestep_buckets and self.reconstruct:
             raise ConfigError("block reconstruction with per-timestep ranges is not supported")
+        if self.attention not in (None, "int8"):
+            raise ConfigError(f"attention must be None or 'int8', got {self.attention!r}")
         if not isinstance(self.rank, int) or self.rank < 0:
             raise ConfigError(f"rank must be a non-negative integer, got {self.rank!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -87,6 +92,7 @@ class QuantConfig:
     def describe(self) -> str:
         act = self.activation.describe() if self.activation else "16-bit"
         extra = f", rank-{self.rank} branch" if self.rank else ""
+        extra += f", {self.attention} attention" if self.attention else ""
         return f"weights {self.weight.describe()}, activations {act}{extra}"
 
     def with_patterns(self, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> "QuantConfig":
@@ -111,6 +117,7 @@ class QuantConfig:
             "reconstruct": self.reconstruct,
             "timestep_buckets": self.timestep_buckets,
             "temporal_cache": self.temporal_cache,
+            "attention": self.attention,
         }
 
     @classmethod
@@ -126,7 +133,7 @@ class QuantConfig:
                    needs_calibration=d["needs_calibration"], rank=d["rank"], smooth_alpha=d["smooth_alpha"],
                    split_shortcut=d["split_shortcut"], act_estimator=d["act_estimator"],
                    reconstruct=d["reconstruct"], timestep_buckets=d["timestep_buckets"],
-                   temporal_cache=d["temporal_cache"])
+                   temporal_cache=d["temporal_cache"], attention=d.get("attention"))
 
 
 @dataclass(frozen=True)

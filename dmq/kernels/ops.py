@@ -11,6 +11,7 @@ Ops (signatures as in :mod:`dmq.kernels.reference`):
 - ``fp8_linear(x, w, w_scales, bias?) -> y`` (Triton quantization + ``torch._scaled_mm``)
 - ``nvfp4_quantize(x, smooth?, amax) -> (codes, scales, global_scale)``
 - ``nvfp4_linear(x, smooth?, proj_down?, proj_up?, w, w_scales, w_scale2, bias?) -> y``
+- ``int8_attention(q, k, v, scale?) -> o`` (int8 QKᵀ, fp8 PV; :mod:`dmq.kernels.reference.attention`)
 
 and Python compositions of them: :func:`quantized_linear`, :func:`fused_w4a4_lowrank`.
 """
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dmq.formats import padded_channels
+from dmq.kernels.reference import attention as _ref_attn
 from dmq.kernels.reference import fp8 as _ref_fp8
 from dmq.kernels.reference import gemm as _ref_gemm
 from dmq.kernels.reference import nvfp4 as _ref_nvfp4
@@ -31,7 +33,7 @@ from dmq.kernels.reference import quant_act as _ref_quant
 from dmq.kernels.reference import weight_only as _ref_wo
 
 __all__ = ["quantize_act", "gemm_int", "weight_only_linear", "dequantize_weight", "fp8_linear", "nvfp4_quantize",
-           "nvfp4_linear", "quantized_linear", "fused_w4a4_lowrank"]
+           "nvfp4_linear", "int8_attention", "quantized_linear", "fused_w4a4_lowrank"]
 
 
 def _tk(name: str):
@@ -176,6 +178,22 @@ def _(x, smooth, proj_down, proj_up, w, w_scales, w_scale2, bias):
 @nvfp4_linear.register_fake
 def _(x, smooth, proj_down, proj_up, w, w_scales, w_scale2, bias):
     return x.new_empty((x.shape[0], w.shape[0]))
+
+
+# -- attention ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("dmq::int8_attention", mutates_args=())
+def int8_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    return _ref_attn.int8_attention(q, k, v, scale)
+
+
+@int8_attention.register_kernel("cuda")
+def _(q, k, v, scale):
+    return _tk("attention").int8_attention(q, k, v, scale)
+
+
+@int8_attention.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape)
 
 
 # -- compositions ------------------------------------------------------------------------------------------------

@@ -203,8 +203,9 @@ def _calibrate_bucketed(pipe: Any, built: dict[str, QuantModule], calibration: A
 
 def activate_runtime(pipe: Any, model: nn.Module, config: QuantConfig) -> None:
     """What a quantized denoiser needs at run time: diffusers' LoRA loading routed to dmq, the timestep context of
-    per-timestep ranges, and the temporal cache when the config asks for it. Called after quantization and after
-    loading."""
+    per-timestep ranges, the temporal cache and 8-bit attention when the config asks for them. Called after
+    quantization and after loading."""
+    from dmq.methods.attention import enable_quantized_attention
     from dmq.methods.lora import route_diffusers_loras
     from dmq.methods.temporal_cache import enable_temporal_cache
     from dmq.nn.timestep import attach_timestep_state
@@ -216,6 +217,8 @@ def activate_runtime(pipe: Any, model: nn.Module, config: QuantConfig) -> None:
         attach_timestep_state(model, bucketed, bucketed[0].timestep_buckets, n_train, roles_for(model).family)
     if config.temporal_cache and getattr(model, "dmq_temporal_cache", None) is None:
         enable_temporal_cache(pipe)
+    if config.attention:
+        enable_quantized_attention(model, config.attention)
 
 
 def _prepare_calibrated(pipe: Any, model: nn.Module, cfg: QuantConfig, roles: ArchRoles, component: str,
@@ -256,14 +259,19 @@ def _prepare_calibrated(pipe: Any, model: nn.Module, cfg: QuantConfig, roles: Ar
 
 
 def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = None, *,
-                      components: list[str] | None = None, progress: bool = True) -> Any:
+                      components: list[str] | None = None, progress: bool = True,
+                      attention: str | None = None) -> Any:
     """Quantize a diffusers pipeline in place and return it, with ``pipe.dmq_report`` attached.
 
     ``config``: a preset name (see :func:`dmq.list_presets`) or a :class:`dmq.QuantConfig`. ``components``:
     attribute names to quantize (default: the denoiser, ``unet`` or ``transformer``); other components get a
-    generic role view (every Linear/Conv2d). On any error the pipeline is left unchanged.
+    generic role view (every Linear/Conv2d). ``attention="int8"``: also run the denoiser's self- and joint-attention
+    in 8 bits (sets ``QuantConfig.attention``; see :mod:`dmq.methods.attention`). On any error the pipeline is left
+    unchanged.
     """
     cfg = resolve_config(config)
+    if attention is not None:
+        cfg = replace(cfg, attention=attention)
     if cfg.needs_calibration and calibration is None:
         raise CalibrationRequiredError(f"preset {cfg.name!r} needs calibration data: pass "
                                        "calibration=dmq.CalibrationConfig(...)")
@@ -279,6 +287,15 @@ def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = N
         models[name] = model
     roles = {name: roles_for(m) if name == main else ArchRoles("generic") for name, m in models.items()}
     report = QuantReport(config=cfg.to_dict())
+    if cfg.attention:
+        from dmq.methods.attention import attention_targets
+
+        targets, kept = attention_targets(models[main])
+        if not targets:
+            raise ConfigError(f"{type(models[main]).__name__} has no diffusers self-attention module for "
+                              f"{cfg.attention} attention")
+        report.notes.append(f"{cfg.attention} attention (int8 QK, fp8 PV) on {len(targets)} self/joint-attention "
+                            f"modules; {len(kept)} cross-attention modules kept 16-bit")
     if cfg.rank and cfg.smooth_alpha is not None and calibration is None:
         report.notes.append(f"{cfg.name}: no calibration data, so the low-rank branch ran data-free (SVD of W "
                             "alone, no smoothing)")
