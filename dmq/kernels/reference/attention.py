@@ -53,7 +53,7 @@ def _int8_blocks(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]
     """x fp32 (BH, N, D), N a multiple of blk → int8 codes (BH, N, D), fp32 scales (BH, N/blk) = amax / 127."""
     bh, n, d = x.shape
     xb = x.reshape(bh, n // blk, blk * d)
-    s = xb.abs().amax(dim=-1) / 127.0
+    s = xb.abs().amax(dim=-1) / 127.0   # a division, not a multiply by 1/127 (the kernel's div_rn)
     codes = torch.round(xb / torch.where(s > 0, s, 1.0)[..., None]).clamp_(-127, 127)
     return codes.to(torch.int8).reshape(bh, n, d), s
 
@@ -104,10 +104,11 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     sq_rows = sq.repeat_interleave(BLOCK_Q, dim=1)[:, :, None]          # (BH, Nqp, 1)
     sk_cols = sk.repeat_interleave(BLOCK_K, dim=1)[:, None, :]          # (BH, 1, Nkp)
     bh, nqp, dp = qf.shape
-    m = torch.full((bh, nqp), float("-inf"))
-    l = torch.zeros((bh, nqp))
-    acc = torch.zeros((bh, nqp, dp))
-    cols = torch.arange(nkp)
+    dev = q.device
+    m = torch.full((bh, nqp), float("-inf"), device=dev)
+    l = torch.zeros((bh, nqp), device=dev)
+    acc = torch.zeros((bh, nqp, dp), device=dev)
+    cols = torch.arange(nkp, device=dev)
     for start in range(0, nk, BLOCK_N):
         sl = slice(start, start + BLOCK_N)
         s = (qf @ kc[:, sl].float().transpose(1, 2)) * sq_rows * sk_cols[:, :, sl]   # exact integer product

@@ -22,7 +22,7 @@ from dmq.kernels._common import FLOAT16, bench_fn, check, encode_e4m3, fixed_con
 from dmq.kernels.reference.attention import (BLOCK_K, BLOCK_N, BLOCK_Q, BLOCK_V, LOG2E, P_SCALE, PAD,
                                              head_dim_padded)
 
-__all__ = ["quantize_qkv", "int8_attention"]
+__all__ = ["quantize_qkv", "attend_codes", "int8_attention"]
 
 MAX_HEAD_DIM = 256
 
@@ -194,22 +194,19 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torc
     _quant_kernel[grid](q, k, v, k_mean, qc, sq, kc, sk, vt, sv, nq, nk, nqp, nkp, h, qk_scale,
                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                         v.stride(0), v.stride(1), v.stride(2),
-                        D=d, DP=dp, BQ=BLOCK_Q, BK=BLOCK_K, BV=BLOCK_V, num_warps=4)
+                        D=d, DP=dp, BQ=BLOCK_Q, BK=BLOCK_K, BV=BLOCK_V, num_warps=8)
     return qc, sq, kc, sk, vt.view(torch.float8_e4m3fn), sv
 
 
-def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Triton launcher; same signature as :func:`dmq.kernels.reference.attention.int8_attention`: q ``(B, H, Nq, D)``,
-    k / v ``(B, H, Nk, D)``, 16-bit, contiguous along D (other strides free) → ``(B, H, Nq, D)`` in q's dtype."""
-    _check_qkv(q, k, v)
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    k_mean = k.mean(dim=2, dtype=torch.float32)
-    qc, sq, kc, sk, vt, sv = quantize_qkv(q, k, v, k_mean, scale * LOG2E)
+def attend_codes(codes: tuple[torch.Tensor, ...], q_shape: torch.Size, nk: int, out_dtype: torch.dtype,
+                 ) -> torch.Tensor:
+    """The attention kernel alone, on the output of :func:`quantize_qkv` for q of shape ``q_shape``
+    ``(B, H, Nq, D)`` and ``nk`` keys → ``(B, H, Nq, D)`` in ``out_dtype``."""
+    qc, sq, kc, sk, vt, sv = codes
+    b, h, nq, d = q_shape
     nqp, dp = qc.shape[1], qc.shape[2]
     nkp = kc.shape[1]
-    o = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    o = torch.empty((b, h, nq, d), dtype=out_dtype, device=qc.device)
     args = (qc, sq, kc, sk, vt, sv, o, nq, nk, nqp, nkp, h, m_bucket(nq), m_bucket(nk),
             o.stride(0), o.stride(1), o.stride(2))
     consts = dict(D=d, DP=dp, P_INT_ENCODE=interpreting(), BQ=BLOCK_Q, BK=BLOCK_K, BV=BLOCK_V)
@@ -220,3 +217,13 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     else:
         _attn_tuned[lambda meta: (nqp // meta["BM"], b * h)](*args, **consts)
     return o
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Triton launcher; same signature as :func:`dmq.kernels.reference.attention.int8_attention`: q ``(B, H, Nq, D)``,
+    k / v ``(B, H, Nk, D)``, 16-bit, contiguous along D (other strides free) → ``(B, H, Nq, D)`` in q's dtype."""
+    _check_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    k_mean = k.mean(dim=2, dtype=torch.float32)
+    codes = quantize_qkv(q, k, v, k_mean, scale * LOG2E)
+    return attend_codes(codes, q.shape, k.shape[2], q.dtype)

@@ -1,0 +1,200 @@
+"""8-bit attention (dmq int8 QKᵀ / fp8 PV) against PyTorch SDPA (flash) in bf16, at the attention shapes of FLUX,
+SD3, PixArt-Σ and SDXL at 1024², all in one process; writes ``benchmarks/results/attention-<device>.json``.
+
+    python benchmarks/attention.py                       # CUDA GPU: every case
+    python benchmarks/attention.py --cases flux,sd3
+    python benchmarks/attention.py --smoke               # CPU, Triton interpreter, tiny shapes: catches errors only
+
+Variants per case: ``sdpa-bf16`` (``F.scaled_dot_product_attention`` restricted to the flash backend), ``dmq-int8``
+(the whole op: K mean, quantization pre-kernel, attention kernel), ``abl-quant`` (K mean + pre-kernel only) and
+``abl-attn`` (the attention kernel on ready codes). Times are ``triton.testing.do_bench`` medians (ms; the first call,
+which autotunes, is not timed); ``ratio_vs_sdpa`` > 1 is faster. Fidelity: ``cos_vs_sdpa`` is the cosine similarity of
+the output with the bf16 SDPA output; ``cos_vs_ref`` / ``maxdiff_vs_ref`` compare the kernel with its PyTorch
+reference (:mod:`dmq.kernels.reference.attention`, key blocks of 64; the GPU may autotune to 128 and casts P to fp8
+in hardware, so agreement is at the fp8 rounding level, not bit-exact). Inputs: Gaussian Q, V; K Gaussian plus a
+per-channel offset (as in DiT keys) on a few channels. Head dims that are not a power of two (PixArt-Σ's 72) are
+zero-padded to the next power of two (128) inside the kernel. A failing case or variant records its error and the
+run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # the interpreter must be chosen before any kernel module is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS_DIR, device_name, write_results  # noqa: E402
+
+# name: (batch, heads, q tokens, kv tokens, head dim) — batch 2 where the model runs classifier-free guidance
+CASES = {
+    "flux": (1, 24, 4608, 4608, 128),        # FLUX.1 at 1024²: 4096 image + 512 text tokens, joint attention
+    "sd3": (2, 24, 4250, 4250, 64),          # SD3-medium at 1024²: 4096 image + 154 text tokens, CFG
+    "pixart": (2, 16, 4096, 4096, 72),       # PixArt-Σ at 1024², self-attention, CFG
+    "sdxl_64x64": (2, 10, 4096, 4096, 64),   # SDXL self-attention at 128² latents / 2 (first attention level), CFG
+    "sdxl_32x32": (2, 20, 1024, 1024, 64),   # SDXL self-attention at the inner level, CFG
+}
+SMOKE_CASES = {"smoke_d64": (1, 2, 77, 77, 64), "smoke_d72": (1, 2, 40, 130, 72), "smoke_d128": (1, 1, 1, 65, 128)}
+
+
+def slug(name: str) -> str:
+    import re
+
+    m = re.search(r"\b([HhAaBbLl]\d{2,3})\b", name)
+    return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def make_qkv(b, h, nq, nk, d, dev, dtype):
+    g = torch.Generator(device=dev).manual_seed(nq * 31 + d)
+    q = torch.randn(b, h, nq, d, device=dev, generator=g)
+    k = torch.randn(b, h, nk, d, device=dev, generator=g)
+    v = torch.randn(b, h, nk, d, device=dev, generator=g)
+    idx = torch.randperm(d, device=dev, generator=g)[:4]
+    k[..., idx] += 8.0 * torch.randn(h, 1, 4, device=dev, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def cos(a, b) -> float:
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def timer(smoke: bool):
+    if smoke:
+        def once(fn):
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        return once
+    import triton
+
+    def bench(fn):
+        fn()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+    return bench
+
+
+def best_config() -> str | None:
+    from dmq.kernels.triton import attention as tri
+
+    cfg = getattr(tri._attn_tuned, "best_config", None)
+    if cfg is None:
+        return None
+    return ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
+
+
+def run_case(name, shape, dev, smoke, rows):
+    from dmq.kernels.reference import attention as ref
+    from dmq.kernels.triton import attention as tri
+
+    b, h, nq, nk, d = shape
+    dtype = torch.float16 if smoke else torch.bfloat16
+    base = {"case": name, "B": b, "H": h, "Nq": nq, "Nk": nk, "D": d, "D_padded": ref.head_dim_padded(d),
+            "dtype": str(dtype).replace("torch.", "")}
+    bench = timer(smoke)
+    flops = 4 * b * h * nq * nk * d
+    q, k, v = make_qkv(b, h, nq, nk, d, dev, dtype)
+    scale = 1.0 / math.sqrt(d)
+
+    def record(variant, fn_time, out=None, **extra):
+        row = dict(base, variant=variant)
+        try:
+            ms = fn_time()
+            row["ms"] = round(ms, 4)
+            row["tflops"] = round(flops / ms / 1e9, 1)
+            row.update(extra)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        rows.append(row)
+        print("  ", {k_: v_ for k_, v_ in row.items() if k_ not in base or k_ == "case"}, flush=True)
+        return row
+
+    if smoke:
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+    o_sdpa = None
+    try:
+        o_sdpa = sdpa()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    r_sdpa = record("sdpa-bf16" if not smoke else "sdpa-fp16", lambda: bench(sdpa))
+
+    dmq = lambda: tri.int8_attention(q, k, v)  # noqa: E731
+    extra = {}
+    try:
+        o = dmq()
+        if o_sdpa is not None:
+            extra["cos_vs_sdpa"] = round(cos(o, o_sdpa), 6)
+        o_ref = ref.int8_attention(q, k, v)
+        extra["cos_vs_ref"] = round(cos(o, o_ref), 6)
+        extra["maxdiff_vs_ref"] = float((o.float() - o_ref.float()).abs().max())
+        del o_ref
+    except Exception as e:  # noqa: BLE001
+        extra["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
+    row = record("dmq-int8", lambda: bench(dmq), **extra)
+    if "ms" in row and "ms" in r_sdpa:
+        row["ratio_vs_sdpa"] = round(r_sdpa["ms"] / row["ms"], 3)
+        row["config"] = None if smoke else best_config()
+
+    k_mean = k.mean(dim=2, dtype=torch.float32)
+
+    def quant():
+        return tri.quantize_qkv(q, k, v, k.mean(dim=2, dtype=torch.float32), scale * ref.LOG2E)
+    record("abl-quant", lambda: bench(quant))
+    codes = tri.quantize_qkv(q, k, v, k_mean, scale * ref.LOG2E)
+    attn_only = lambda: tri.attend_codes(codes, q.shape, nk, q.dtype)  # noqa: E731
+    record("abl-attn", lambda: bench(attn_only))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="", help=f"comma-separated subset of {', '.join(CASES)}")
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (errors only)")
+    ap.add_argument("--results-dir", default=None, help="default: benchmarks/results (a temp dir with --smoke)")
+    args = ap.parse_args()
+    if args.smoke:
+        dev, cases = "cpu", SMOKE_CASES
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("needs a CUDA GPU (or --smoke for a CPU check under the interpreter)")
+        dev, cases = "cuda", CASES
+    if args.cases:
+        cases = {n: cases[n] for n in args.cases.split(",")}
+    rows: list[dict] = []
+    for name, shape in cases.items():
+        print(f"{name}: B={shape[0]} H={shape[1]} Nq={shape[2]} Nk={shape[3]} D={shape[4]}", flush=True)
+        try:
+            run_case(name, shape, dev, args.smoke, rows)
+        except Exception as e:  # noqa: BLE001 - one failing shape must not end the run
+            traceback.print_exc()
+            rows.append({"case": name, "variant": "dmq-int8", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    results_dir = Path(args.results_dir) if args.results_dir else (
+        Path(os.environ.get("TMPDIR", "/tmp")) if args.smoke else RESULTS_DIR)
+    name = "attention-smoke" if args.smoke else f"attention-{slug(device_name())}"
+    print("wrote", write_results(name, rows, results_dir))
+
+
+if __name__ == "__main__":
+    main()
