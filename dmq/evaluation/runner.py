@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from dmq.errors import ConfigError
 
 __all__ = ["BUILTIN_PROMPTS", "Item", "pipeline_kind", "make_items", "read_prompt_file", "load_pipeline",
-           "generate_images", "evaluate"]
+           "generate_images", "evaluate", "format_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def evaluate(pipeline: str | Callable[[], Any], out: str | Path, *, variants: Se
             row["accuracy"] = float(hits.mean())
         rows.append(row)
 
-    doc = _results_document(rows, command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), device)
+    doc = _results_document(rows, command or shlex.join(sys.argv), device)
     if acc.is_main_process:
         ref = torch.stack([_load_png(p) for p in paths[ref_name][:_GRID_ITEMS]])
         for name in names[1:]:
@@ -417,3 +417,19 @@ def evaluate(pipeline: str | Callable[[], Any], out: str | Path, *, variants: Se
         logger.info("dmq eval: wrote %s", out / "results.json")
     acc.wait_for_everyone()
     return doc
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The results rows as a short table (variant, PSNR, SSIM, LPIPS, FID vs reference, FID, CLIP, accuracy)."""
+    cols = [("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"), ("lpips", "LPIPS", ".4f"),
+            ("fid_vs_ref", "FID vs ref", ".3f"), ("fid", "FID", ".3f"), ("clip_score", "CLIP", ".2f"),
+            ("accuracy", "accuracy", ".3f"), ("gen_s", "gen s", ".1f")]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    width = max(len(r["variant"]) for r in rows)
+    lines = [f"{'variant':<{width}}" + "".join(f"  {title:>10}" for _, title, _ in cols)]
+    for r in rows:
+        lines.append(f"{r['variant']:<{width}}" + "".join(
+            f"  {format(r[key], fmt) if key in r else '—':>10}" for key, _, fmt in cols))
+    lines.append(f"FID features: {rows[0]['fid_features']}" + (f"; CLIP: {rows[0]['clip_model']}"
+                                                               if "clip_model" in rows[0] else ""))
+    return "\n".join(lines)
