@@ -160,12 +160,15 @@ def _image_path(folder: Path, item: Item) -> Path:
 def generate_images(pipe: Any, kind: str, items: Sequence[Item], folder: str | Path, *, batch_size: int = 4,
                     steps: int | None = None, guidance_scale: float | None = None,
                     pipeline_kwargs: dict[str, Any] | None = None, progress: bool = True, desc: str = "") -> int:
-    """Generate the ``items`` whose PNG is not yet in ``folder`` (one generator per image, seeded by the item), in
-    batches of ``batch_size``; returns how many were generated."""
+    """Write the PNGs of ``items`` that are not yet in ``folder``; returns how many were written.
+
+    ``items`` run in fixed batches of ``batch_size`` (``items[0:b]``, ``items[b:2b]``, ...), one generator per image
+    seeded by its item; a batch with any image missing is run whole, so an image comes out the same however a run
+    was interrupted or sharded (CPU BLAS results can depend on the batch)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [it for it in items if not _image_path(folder, it).is_file()]
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    batches = [b for b in _batches(items, batch_size) if any(not _image_path(folder, it).is_file() for it in b)]
+    written = 0
     for batch in tqdm(batches, desc=desc or str(folder.name), disable=not progress, leave=False):
         kwargs: dict[str, Any] = dict(pipeline_kwargs or {}, output_type="np",
                                       generator=[torch.Generator().manual_seed(it.seed) for it in batch])
@@ -181,8 +184,14 @@ def generate_images(pipe: Any, kind: str, items: Sequence[Item], folder: str | P
             kwargs["batch_size"] = len(batch)
         images = _to_images(pipe(**kwargs))
         for it, image in zip(batch, images):
-            _save_png(image, _image_path(folder, it))
-    return len(todo)
+            if not _image_path(folder, it).is_file():
+                _save_png(image, _image_path(folder, it))
+                written += 1
+    return written
+
+
+def _batches(items: Sequence[Item], batch_size: int) -> list[list[Item]]:
+    return [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
 class _Files(Dataset):
@@ -333,13 +342,16 @@ def evaluate(pipeline: str | Callable[[], Any], out: str | Path, *, variants: Se
             pipeline_kwargs=pipeline_kwargs)
     timing: dict[str, tuple[int, float]] = {}
     for name, variant in zip(names, [None, *parsed]):
-        missing = [it for it in items if not _image_path(folders[name], it).is_file()]
+        # whole fixed batches are sharded, so every image is the same with any number of processes
+        missing = [b for b in _batches(items, batch_size)
+                   if any(not _image_path(folders[name], it).is_file() for it in b)]
         t0, count = time.perf_counter(), 0
         with acc.split_between_processes(missing) as mine:
             if mine:
                 pipe = ref_pipe if variant is None else apply_variant(load_pipeline(pipeline, device, dtype),
                                                                       variant, calibration)
-                count = generate_images(pipe, kind, mine, folders[name], batch_size=batch_size, steps=steps,
+                count = generate_images(pipe, kind, [it for b in mine for it in b], folders[name],
+                                        batch_size=batch_size, steps=steps,
                                         guidance_scale=guidance_scale, pipeline_kwargs=pipeline_kwargs,
                                         progress=show, desc=name)
                 del pipe
