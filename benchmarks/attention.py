@@ -4,6 +4,10 @@ SD3, PixArt-Σ and SDXL at 1024², all in one process; writes ``benchmarks/resul
     python benchmarks/attention.py                       # CUDA GPU: every case
     python benchmarks/attention.py --cases flux,sd3
     python benchmarks/attention.py --smoke               # CPU, Triton interpreter, tiny shapes: catches errors only
+    python benchmarks/attention.py --fidelity --seeds 2 --num-images 20 --steps 10   # shipped DiT, any device
+
+``--fidelity`` measures the shipped digits DiT with 8-bit attention alone, with svdquant-w4a4, and with both, against
+the fp32 pipeline (PSNR/SSIM, domain-FID; as ``benchmarks/fidelity.py``) → ``results/attention-fidelity-<device>.json``.
 
 Variants per case: ``sdpa-bf16`` (``F.scaled_dot_product_attention`` restricted to the flash backend), ``dmq-int8``
 (the whole op: K mean, quantization pre-kernel, attention kernel), ``abl-quant`` (K mean + pre-kernel only) and
@@ -166,12 +170,63 @@ def run_case(name, shape, dev, smoke, rows):
     record("abl-attn", lambda: bench(attn_only))
 
 
+def run_fidelity(args) -> None:
+    import fidelity as fb
+
+    import dmq
+    from dmq.evaluation.digits import DigitsMetrics, generate
+    from dmq.evaluation.fidelity import mean_std, psnr, ssim
+    from dmq.methods.attention import enable_quantized_attention, quantized_attention_hooks
+    from dmq.models import load
+
+    dev, model, n, steps = args.device, "digits-dit", args.num_images, args.steps
+    metrics = DigitsMetrics(dev)
+    fp = load(model, device=dev)
+    fp_images = {s: generate(fp, n, s, num_inference_steps=steps, batch_size=n, progress=False)
+                 for s in range(args.seeds)}
+    rows = []
+    for variant in ("int8-attention", "svdquant-w4a4", "svdquant-w4a4+int8-attention"):
+        pipe = load(model, device=dev)
+        base, _, attn = variant.partition("+")
+        if base == "int8-attention":
+            enable_quantized_attention(pipe.transformer)
+        else:
+            cfg, calib = fb.parse_variant(base, model, args.calibration_samples, 25, 0)
+            dmq.quantize_pipeline(pipe, cfg, calibration=calib, progress=False, attention="int8" if attn else None)
+        p, s_, f, a = [], [], [], []
+        for s in range(args.seeds):
+            ref_img, labels = fp_images[s]
+            img, _ = generate(pipe, n, s, num_inference_steps=steps, batch_size=n, progress=False)
+            p.append(float(psnr(ref_img, img).clamp(max=100).mean()))
+            s_.append(float(ssim(ref_img, img).mean()))
+            f.append(metrics.fid(img, seed=s))
+            a.append(metrics.accuracy(img, labels))
+        hooks = quantized_attention_hooks(pipe.transformer)
+        row = {"case": model, "variant": variant, "N": n, "seeds": args.seeds, "steps": steps,
+               "psnr": mean_std(p)[0], "psnr_std": mean_std(p)[1], "ssim": mean_std(s_)[0],
+               "ssim_std": mean_std(s_)[1], "fid": mean_std(f)[0], "fid_std": mean_std(f)[1],
+               "accuracy": mean_std(a)[0], "accuracy_std": mean_std(a)[1],
+               "attention_calls_int8": sum(h.quantized for h in hooks.values()),
+               "attention_calls_16bit": sum(h.fallback for h in hooks.values())}
+        rows.append(row)
+        print(row, flush=True)
+    print("wrote", write_results(f"attention-fidelity-{slug(device_name()) if dev != 'cpu' else 'cpu'}", rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="", help=f"comma-separated subset of {', '.join(CASES)}")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (errors only)")
     ap.add_argument("--results-dir", default=None, help="default: benchmarks/results (a temp dir with --smoke)")
+    ap.add_argument("--fidelity", action="store_true", help="the shipped DiT's fidelity instead of kernel timings")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--num-images", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--calibration-samples", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="with --fidelity")
     args = ap.parse_args()
+    if args.fidelity:
+        return run_fidelity(args)
     if args.smoke:
         dev, cases = "cpu", SMOKE_CASES
     else:
