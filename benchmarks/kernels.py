@@ -7,10 +7,11 @@ FLUX / PixArt-Σ / SDXL shapes, all in one process. Prints ratios vs bf16 and as
     python benchmarks/kernels.py --check         # GPU correctness checks vs the references first
     python benchmarks/kernels.py --cases flux_qkv,flux_mod --budget-s 300
 
-Variant names: ``-swap`` = weight tile as the MMA's first operand, ``-unpack`` = int4 weights expanded to an int8
-workspace per call, then the int8 GEMM; ``abl-*`` = ablations (quantization kernel alone, GEMM without epilogue,
-without unpacking (int8 weights), without group scales). The layer path (dmq.kernels.linear, INT4_GEMM="auto") uses
-``-unpack`` for w4a4 and ``-swap`` for w4a8.
+Variant names: ``dmq-w4a4-*-r32``: the resident int4 weight is expanded to an int8 workspace per call, then the
+int8 (TMA on Hopper) GEMM; ``+2lora`` = rank 32 + 16 + 16; ``-inloop`` = nibbles unpacked inside the GEMM's K loop
+(weight tile as the MMA's first operand); ``-unpack`` (w4a8) = the per-call int8 workspace. The layer path
+(dmq.kernels.linear, INT4_GEMM="auto") is ``dmq-w4a4-ch-r32`` without group scales and ``-inloop`` with them; ``abl-*`` = ablations (quantization with / without the down-projection, unpack
+alone, GEMM with / without its epilogue, without group scales).
 
 Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``): GPU time without Python launch overhead,
 as under torch.compile + CUDA graphs. Fidelity: SQNR (dB) of each variant's output vs the fp32 float linear
@@ -133,7 +134,6 @@ def gemm_variants(m, k, n, dev):
 
     x, w, b = make_data(m, k, n, dev)
     w32 = w.float()
-    tg.INT4_SWAP = False   # "dmq-*" int4b variants: operands in natural order; "*-swap" variants: swapped
     v = {}   # name -> (fn(x) -> y, fidelity?, bytes/param, which tuned kernel)
     v["bf16"] = (lambda xx: F.linear(xx, w, b), True, 2.0, None)
 
@@ -147,80 +147,69 @@ def gemm_variants(m, k, n, dev):
 
     wi8 = quant_weight(w32, QuantSpec("int8", "channel"))
     v["dmq-w8a8"] = (lambda xx: ops.quantized_linear(xx, None, None, None, wi8[0], wi8[1], "int8", 0, b, "int8", 0),
-                     True, 1 + 4 / k, "int8")
+                     True, 1 + 4 / k, "tma")
     w48 = quant_weight(w32, QuantSpec("int4", "group", 128))
-    v["dmq-w4a8-g128"] = (lambda xx: ops.quantized_linear(xx, None, None, None, w48[0], w48[1], "int4b", 128, b,
-                                                          "int8", 0), True, 0.5 + 2 / 128, "int4b")
 
     def unpack(wt, ws, wg, kk=k):
-        """int4b → int8 codes (N, kk): the unpack-once path (kk = the activation codes' padded K)."""
+        """int4b → int8 codes (N, kk): the unpack-per-call path (kk = the activation codes' padded K)."""
         return ops.dequantize_weight(wt, ws, "int4b", wg, kk, torch.int8)
 
+    v["dmq-w4a8-g128-inloop"] = (lambda xx: ops.quantized_linear(xx, None, None, None, w48[0], w48[1], "int4b", 128,
+                                                                 b, "int8", 0), True, 0.5 + 2 / 128, "int4b_swap")
     v["dmq-w4a8-g128-unpack"] = (lambda xx: ops.quantized_linear(xx, None, None, None, unpack(w48[0], w48[1], 128),
                                                                  w48[1], "int8", 128, b, "int8", 0), True,
-                                 0.5 + 2 / 128, "int8")
-
-    def swapped(fn):
-        """The same call with the swapped-operand int4 GEMM (weight tile as the MMA's first operand)."""
-        def g(xx):
-            old, tg.INT4_SWAP = tg.INT4_SWAP, True
-            try:
-                return fn(xx)
-            finally:
-                tg.INT4_SWAP = old
-        return g
-
-    v["dmq-w4a8-g128-swap"] = (swapped(v["dmq-w4a8-g128"][0]), True, 0.5 + 2 / 128, "int4b_swap")
+                                 0.5 + 2 / 128, "tma_64")
     smooth, pd, pu, resid = svd_parts(x[:FID_ROWS * 4], w, 32)
     g2 = torch.Generator(device=dev).manual_seed(1)
     pd64 = torch.cat([pd, (torch.randn(k, 32, device=dev, generator=g2) * 0.02).to(pd.dtype)], 1).contiguous()
     pu64 = torch.cat([pu, (torch.randn(32, n, device=dev, generator=g2) * 0.02).to(pu.dtype)], 0).contiguous()
     branch = lambda r: r * (k + n) * 2 / (k * n)  # noqa: E731
-    for tag, spec, ag in (("g64", QuantSpec("int4", "group", 64), 64), ("ch", QuantSpec("int4", "channel"), 0)):
+    for tag, spec, ag in (("ch", QuantSpec("int4", "channel"), 0), ("g64", QuantSpec("int4", "group", 64), 64)):
         wq, wsc = quant_weight(resid, spec)
         kp_a = padded_channels(QuantSpec("int4", "group", 64) if ag else QuantSpec("int4", "token"), k)
         wg = 64 if ag else 0
         bpp = 0.5 + (2 / 64 if ag else 4 / k)
-        for r, (pdr, pur) in ((32, (pd, pu)), (64, (pd64, pu64))):
-            v[f"dmq-w4a4-{tag}-r{r}"] = (
-                (lambda pdr, pur, wq, wsc, wg, ag: lambda xx: ops.quantized_linear(
-                    xx, smooth, pdr, pur, wq, wsc, "int4b", wg, b, "int4", ag))(pdr, pur, wq, wsc, wg, ag),
-                r == 32, bpp + branch(r), "int4b")
-        v[f"dmq-w4a4-{tag}-r32-swap"] = (swapped(v[f"dmq-w4a4-{tag}-r32"][0]), True, bpp + branch(32),
-                                          "int4b_swap")
-        v[f"dmq-w4a4-{tag}-r32-unpack"] = (
-            (lambda wq, wsc, wg, ag, kp_a: lambda xx: ops.quantized_linear(
-                xx, smooth, pd, pu, unpack(wq, wsc, wg, kp_a), wsc, "int8", wg, b, "int4", ag))(wq, wsc, wg, ag, kp_a),
-            True, bpp + branch(32), "int8" if not ag else "int8_64")
+        tk = "tma_64" if ag else "tma"
 
-        def unfused(xx, wq=wq, wsc=wsc, wg=wg, ag=ag):  # noqa: E306
-            y = ops.quantized_linear(xx, smooth, None, None, wq, wsc, "int4b", wg, b, "int4", ag)
+        def layer_path(pdr, pur, wq=wq, wsc=wsc, wg=wg, ag=ag, kp_a=kp_a):
+            """Unpack the resident int4 weight to an int8 workspace, quantize + down-project, int8 GEMM with the
+            up-projection in its epilogue (the layer path for per-channel w4a4)."""
+            return lambda xx: ops.quantized_linear(xx, smooth, pdr, pur, unpack(wq, wsc, wg, kp_a), wsc, "int8", wg,
+                                                   b, "int4", ag)
+        v[f"dmq-w4a4-{tag}-r32"] = (layer_path(pd, pu), True, bpp + branch(32), tk)
+        v[f"dmq-w4a4-{tag}-r32+2lora"] = (layer_path(pd64, pu64), False, bpp + branch(64), tk)
+        v[f"dmq-w4a4-{tag}-r32-inloop"] = (
+            (lambda wq, wsc, wg, ag: lambda xx: ops.quantized_linear(xx, smooth, pd, pu, wq, wsc, "int4b", wg, b,
+                                                                     "int4", ag))(wq, wsc, wg, ag),
+            True, bpp + branch(32), "int4b_swap")
+
+        def unfused(xx, wq=wq, wsc=wsc, wg=wg, ag=ag, kp_a=kp_a):  # noqa: E306
+            y = ops.quantized_linear(xx, smooth, None, None, unpack(wq, wsc, wg, kp_a), wsc, "int8", wg, b, "int4", ag)
             lr = (xx / smooth.to(xx.dtype)) @ pd
             return y + lr @ pu
-        v[f"dmq-w4a4-{tag}-r32-unfused"] = (unfused, True, bpp + branch(32), "int4b")
+        v[f"dmq-w4a4-{tag}-r32-unfused"] = (unfused, True, bpp + branch(32), tk)
 
-        # ablations on pre-quantized activations (GEMM only)
+        # ablations on pre-quantized activations / pre-unpacked weights
         codes, sc, lr = tq.quantize_act(x, smooth, pd, "int4", ag, False)
         w8c = unpack(wq, wsc, wg, kp_a)
         v[f"abl-{tag}-quant+down-only"] = ((lambda ag: lambda xx: tq.quantize_act(xx, smooth, pd, "int4", ag, False))
                                            (ag), False, None, None)
-        v[f"abl-{tag}-gemm+epilogue"] = ((lambda wq, wsc, wg, ag, codes, sc, lr: lambda xx: tg.gemm_int(
-            codes, sc, wq, wsc, "int4b", ag, wg, lr, pu, b, torch.bfloat16))(wq, wsc, wg, ag, codes, sc, lr),
-            False, None, "int4b")
-        v[f"abl-{tag}-gemm-no-epilogue"] = ((lambda wq, wsc, wg, ag, codes, sc: lambda xx: tg.gemm_int(
-            codes, sc, wq, wsc, "int4b", ag, wg, None, None, None, torch.bfloat16))(wq, wsc, wg, ag, codes, sc),
-            False, None, "int4b")
-        v[f"abl-{tag}-gemm-no-epilogue-swap"] = (swapped(v[f"abl-{tag}-gemm-no-epilogue"][0]), False, None,
-                                                  "int4b_swap")
-        v[f"abl-{tag}-gemm-no-epilogue-no-unpack"] = ((lambda w8c, wsc, wg, ag, codes, sc: lambda xx: tg.gemm_int(
+        v[f"abl-{tag}-quant-only"] = ((lambda ag: lambda xx: tq.quantize_act(xx, smooth, None, "int4", ag, False))
+                                      (ag), False, None, None)
+        v[f"abl-{tag}-unpack-only"] = ((lambda wq, wsc, wg, kp_a: lambda xx: unpack(wq, wsc, wg, kp_a))
+                                       (wq, wsc, wg, kp_a), False, None, None)
+        v[f"abl-{tag}-gemm+epilogue"] = ((lambda w8c, wsc, wg, ag, codes, sc, lr: lambda xx: tg.gemm_int(
+            codes, sc, w8c, wsc, "int8", ag, wg, lr, pu, b, torch.bfloat16))(w8c, wsc, wg, ag, codes, sc, lr),
+            False, None, tk)
+        v[f"abl-{tag}-gemm-no-epilogue"] = ((lambda w8c, wsc, wg, ag, codes, sc: lambda xx: tg.gemm_int(
             codes, sc, w8c, wsc, "int8", ag, wg, None, None, None, torch.bfloat16))(w8c, wsc, wg, ag, codes, sc),
-            False, None, "int8" if not ag else "int8_64")
+            False, None, tk)
         if ag:
             # same codes, scales collapsed to one per row / column: what the in-loop group scales cost
             sa1, sw1 = sc[:, 0].float().contiguous(), wsc[:, 0].float().contiguous()
-            v["abl-g64-gemm-no-epilogue-no-scales"] = ((lambda wq, codes, sa1, sw1: lambda xx: tg.gemm_int(
-                codes, sa1, wq, sw1, "int4b", 0, 0, None, None, None, torch.bfloat16))(wq, codes, sa1, sw1),
-                False, None, "int4b")
+            v["abl-g64-gemm-no-epilogue-no-scales"] = ((lambda w8c, codes, sa1, sw1: lambda xx: tg.gemm_int(
+                codes, sa1, w8c, sw1, "int8", 0, 0, None, None, None, torch.bfloat16))(w8c, codes, sa1, sw1),
+                False, None, "tma")
     return x, w, b, v
 
 
@@ -280,7 +269,8 @@ def run_gemv_case(name, m, k, n, dev, rows):
                "ratio_vs_bf16": round(t_bf16 / ms, 3), "frac_of_fp8": None, "timer": timer,
                "bytes_per_param": round(bpp, 4), "weight_GBps": round(gbs, 1), "sqnr_db": round(sqnr(fn(), y_ref), 2)}
         if vname != "bf16":
-            row["config"] = best_config(two._GEMV_TUNED.get(16))
+            row["config"] = best_config(two._ELT_TUNED if "w4" in vname and m <= two.ELT_MAX_M
+                                        else two._GEMV_TUNED.get(16))
         rows.append(row)
         print(f"{name:18s} {vname:38s} {ms:8.4f} ms  x{row['ratio_vs_bf16']:5.2f} bf16  {gbs:7.0f} GB/s  "
               f"{row['sqnr_db']}")
@@ -349,7 +339,8 @@ def _run_checks(dev, rows):
                 guard(f"quant_act {dn} {qd} M{m}", f)
         for m, k, n, fmt, ag, wg, r in ((1, 64, 37, "int8", 0, 0, 0), (37, 200, 50, "int4b", 64, 64, 24),
                                         (130, 3072, 300, "int4b", 0, 0, 32), (130, 1152, 200, "int4b", 0, 128, 0),
-                                        (130, 1152, 200, "int8", 64, 0, 16), (300, 3072, 1000, "int8", 0, 0, 64)):
+                                        (130, 1152, 200, "int8", 64, 0, 16), (300, 3072, 1000, "int8", 0, 0, 64),
+                                        (300, 3072, 1000, "int8", 64, 64, 32), (130, 1152, 200, "int8", 0, 128, 0)):
             def f(m=m, k=k, n=n, fmt=fmt, ag=ag, wg=wg, r=r):
                 qa = 8 if (fmt == "int4b" or ag) else 128
                 a = torch.randint(-qa, qa, (m, k), dtype=torch.int8, device=dev)

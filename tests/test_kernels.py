@@ -154,6 +154,19 @@ def test_gemm_matches_reference(m, case):
         _close(tgemm.gemm_int(a, a_s, w, w_s, fmt, ag, wg, lr, up, bias, torch.float16, swap=True), ref)
 
 
+def test_gemm_int8_tma_and_pointer_paths_agree():
+    """int8 weights take the TMA kernel when rows are 16-byte aligned (always under the interpreter) and the pointer
+    kernel otherwise; a weight with more K columns than the activations is read only up to K by both."""
+    a, a_s, w, w_s, lr, up, bias = _gemm_inputs(37, 320, 50, "int8", 0, 0, 16, seed=3)
+    wide = torch.nn.functional.pad(w, (0, 16))
+    assert tgemm.tma_ok(a, wide)
+    ref = rgemm.gemm_int(a, a_s, w, w_s, "int8", 0, 0, lr, up, bias, torch.float16)
+    _close(tgemm.gemm_int(a, a_s, wide, w_s, "int8", 0, 0, lr, up, bias, torch.float16), ref)
+    a2 = torch.nn.functional.pad(a, (0, 8))[:, :320]          # row stride 328: not 16-byte aligned
+    assert not tgemm.tma_ok(a2, wide)
+    _close(tgemm.gemm_int(a2, a_s, wide, w_s, "int8", 0, 0, lr, up, bias, torch.float16), ref)
+
+
 def test_gemm_rejects_unsupported_layouts():
     a, a_s, w, w_s, lr, up, bias = _gemm_inputs(5, 128, 16, "int4b", 0, 0, 0)
     with pytest.raises(ValueError, match="multiple of 64"):

@@ -39,10 +39,10 @@ __all__ = ["prepare", "prepare_model", "linear_forward", "conv_forward", "svdqua
            "supported", "INT4_GEMM"]
 
 # How int4 weights reach the int8 tensor cores: "int4b" unpacks the blocked layout inside the GEMM's K loop;
-# "unpack" expands it to an int8 workspace per call and runs the int8 GEMM (weights stay resident as 4-bit);
-# "auto" picks what was faster on the H100 (benchmarks/results/kernels-h100.json): "unpack" for int4
-# activations (w4a4: 0.84x vs 0.69x bf16 per-channel, 0.42x vs 0.38x g64 at FLUX qkv), in-kernel for int8
-# activations (w4a8 g128: 0.58x vs 0.44x).
+# "unpack" expands it to an int8 workspace per call and runs the int8 GEMM (TMA on Hopper; weights stay resident as
+# 4-bit); "auto" picks what was faster on the H100 (benchmarks/results/kernels-h100.json): "unpack" when neither
+# side has group scales (w4a4 per-channel + rank 32 at FLUX qkv: 1.13x vs 0.76x bf16 in-loop), in-kernel with group
+# scales (w4a4 g64: 0.40x vs 0.35x; w4a8 g128: 0.60x vs 0.57x).
 INT4_GEMM = "auto"
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
@@ -154,8 +154,8 @@ def prepare_model(model: torch.nn.Module) -> int:
     return count
 
 
-def _int_weight(prep: dict[str, Any], act_dtype: str) -> tuple[torch.Tensor, str]:
-    mode = INT4_GEMM if INT4_GEMM != "auto" else ("unpack" if act_dtype == "int4" else "int4b")
+def _int_weight(prep: dict[str, Any], act_group: int) -> tuple[torch.Tensor, str]:
+    mode = INT4_GEMM if INT4_GEMM != "auto" else ("unpack" if not (act_group or prep["w_group"]) else "int4b")
     if prep["w_format"] == "int4b" and mode == "unpack":
         w8 = ops.dequantize_weight(prep["w"], prep["w_scales"], "int4b", prep["w_group"], prep["k_act"],
                                    torch.int8)
@@ -174,7 +174,7 @@ def linear_forward(layer, x: torch.Tensor, smooth=None, proj_down=None, proj_up=
         x2 = x2.contiguous()
     n = layer.out_features
     if path == "int":
-        w, fmt = _int_weight(prep, layer.act_spec.dtype)
+        w, fmt = _int_weight(prep, _group(layer.act_spec))
         y = ops.quantized_linear(x2, smooth, proj_down, proj_up, w, prep["w_scales"], fmt, prep["w_group"],
                                  layer.bias, layer.act_spec.dtype, _group(layer.act_spec))
     elif path == "weight_only":
@@ -231,7 +231,7 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
     a, ho, wo = _im2col(codes.reshape(b, h, w, cp), kh, kw, layer.stride, layer.padding, layer.dilation)
     sc = scales.reshape(b, h, w, -1)
     a_scales, _, _ = _im2col(sc, kh, kw, layer.stride, layer.padding, layer.dilation)
-    w_, fmt = _int_weight(prep, acts.dtype)
+    w_, fmt = _int_weight(prep, ag or cp)
     y = ops.gemm_int(a, a_scales, w_, prep["w_scales"], fmt, ag or cp, prep["w_group"], None, None, layer.bias,
                      x.dtype)
     return y.reshape(b, ho, wo, cout).permute(0, 3, 1, 2)

@@ -10,10 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.kernels._common import FLOAT16, bench_fn, check, fixed_config, m_bucket, next_pow2
+from dmq.kernels._common import FLOAT16, bench_fn, check, fixed_config, interpreting, m_bucket, next_pow2
 from dmq.kernels.layouts import blocked_kb
 
-__all__ = ["gemm_int"]
+__all__ = ["gemm_int", "tma_ok"]
 
 
 def _cfg(bm, bn, bkh, warps, stages):
@@ -37,6 +37,27 @@ _INT4_SWAP_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(256, 128, 64, 8, 3), _cfg(1
 INT4_SWAP = True
 
 _KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "W_INT4", "HAS_BIAS", "SWAP"]
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, om, on, M, N, as_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr, R, stride_asm, stride_wsn,
+              stride_lm, stride_ur, stride_om, A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_LR: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BR: tl.constexpr):
+    """Per-row / per-column scales (when not grouped), ``+ lowrank · proj_up`` (one small dot), bias, 16-bit store."""
+    out = acc.to(tl.float32)
+    if not A_GROUP:
+        out = out * tl.load(as_ptr + rm * stride_asm).to(tl.float32)[:, None]
+    if not W_GROUP:
+        out = out * tl.load(ws_ptr + rn * stride_wsn).to(tl.float32)[None, :]
+    if HAS_LR:
+        rr = tl.arange(0, BR)
+        lr = tl.load(lr_ptr + rm[:, None] * stride_lm + rr[None, :], mask=rr[None, :] < R, other=0.0)
+        up = tl.load(up_ptr + rr[:, None] * stride_ur + rn[None, :], mask=rr[:, None] < R, other=0.0)
+        out = tl.dot(lr, up, out)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    tl.store(o_ptr + om[:, None] * stride_om + on[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(om[:, None] < M) & (on[None, :] < N))
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -152,20 +173,72 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
 
     if SWAP:
         acc = tl.trans(acc)
-    out = acc.to(tl.float32)
-    if not A_GROUP:
-        out = out * tl.load(as_ptr + rm * stride_asm).to(tl.float32)[:, None]
-    if not W_GROUP:
-        out = out * tl.load(ws_ptr + rn * stride_wsn).to(tl.float32)[None, :]
-    if HAS_LR:
-        rr = tl.arange(0, BR)
-        lr = tl.load(lr_ptr + rm[:, None] * stride_lm + rr[None, :], mask=rr[None, :] < R, other=0.0)
-        up = tl.load(up_ptr + rr[:, None] * stride_ur + rn[None, :], mask=rr[:, None] < R, other=0.0)
-        out = tl.dot(lr, up, out)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-    tl.store(o_ptr + om[:, None] * stride_om + on[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=(om[:, None] < M) & (on[None, :] < N))
+    _epilogue(acc, rm, rn, om, on, M, N, as_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr, R, stride_asm, stride_wsn,
+              stride_lm, stride_ur, stride_om, A_GROUP, W_GROUP, HAS_LR, HAS_BIAS, BR)
+
+
+def _tma_cfg(bm, bn, bk, warps, stages):
+    def hook(nargs):   # host-side descriptors carry the tile shape: set it to this config's
+        nargs["a_desc"].block_shape = [bm, bk]
+        nargs["w_desc"].block_shape = [bn, bk]
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
+                         pre_hook=hook)
+
+
+# int8 weights through TMA (Hopper): measured on the H100 (benchmarks/scratch runs of issue 7), 128x256x128 with 4
+# stages was best at FLUX shapes (1.44-1.59x bf16 without the epilogue), 128x128x64 with 5 stages at small N/K.
+_TMA_CONFIGS = [_tma_cfg(128, 256, 128, 8, 4), _tma_cfg(256, 128, 128, 8, 3), _tma_cfg(128, 256, 128, 8, 3),
+                _tma_cfg(128, 128, 64, 4, 5), _tma_cfg(128, 128, 128, 4, 4)]
+# grouped scales: one K step per group (BK = 64 divides every supported group size)
+_TMA_CONFIGS_64 = [_tma_cfg(128, 256, 64, 8, 4), _tma_cfg(256, 128, 64, 8, 4), _tma_cfg(128, 128, 64, 4, 5)]
+_TMA_KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "HAS_BIAS"]
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
+                     M, N, K, R, M_BUCKET, GA, GW, stride_asm, stride_wsn, stride_lm, stride_ur, stride_om,
+                     A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """int8 × int8 GEMM with both operands loaded by the tensor-memory accelerator (host-side descriptors; out of
+    bounds reads are zeros, so no masks and no K tail); group scales (multiples of BK) are applied per K step."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+    om = pid_m * BM + tl.arange(0, BM)
+    on = pid_n * BN + tl.arange(0, BN)
+    rm = om % M
+    rn = on % N
+    if A_GROUP or W_GROUP:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        a = a_desc.load([pid_m * BM, k0])
+        w = w_desc.load([pid_n * BN, k0])
+        if A_GROUP or W_GROUP:
+            c = tl.dot(a, w.T).to(tl.float32)
+            if A_GROUP:
+                c = c * tl.load(as_ptr + rm * stride_asm + k0 // GA).to(tl.float32)[:, None]
+            if W_GROUP:
+                c = c * tl.load(ws_ptr + rn * stride_wsn + k0 // GW).to(tl.float32)[None, :]
+            acc += c
+        else:
+            acc += tl.dot(a, w.T)
+    _epilogue(acc, rm, rn, om, on, M, N, as_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr, R, stride_asm, stride_wsn,
+              stride_lm, stride_ur, stride_om, A_GROUP, W_GROUP, HAS_LR, HAS_BIAS, BR)
+
+
+def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the TMA kernel can serve these int8 operands: a Hopper (or newer) GPU, or the interpreter, and
+    16-byte aligned rows and bases."""
+    if not interpreting() and not (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)):
+        return False
+    return all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
 
 
 def _even_k(args):
@@ -184,6 +257,8 @@ _TUNED = {
     "int8_64": triton.autotune(_INT8_CONFIGS_64, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "int4b": triton.autotune(_INT4_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "int4b_swap": triton.autotune(_INT4_SWAP_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
+    "tma": triton.autotune(_TMA_CONFIGS, key=_TMA_KEY, do_bench=bench_fn)(_gemm_tma_kernel),
+    "tma_64": triton.autotune(_TMA_CONFIGS_64, key=_TMA_KEY, do_bench=bench_fn)(_gemm_tma_kernel),
 }
 
 
@@ -252,7 +327,9 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
     def grid(c):
         return (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]),)
 
-    if fixed_config():
+    if w_format == "int8" and tma_ok(a, w):
+        _launch_tma(a, a_scales, w, w_scales, args[4:8], m, n, k, r, a_group, w_group, meta, grid)
+    elif fixed_config():
         _gemm_h[grid(dict(BM=32, BN=32))](*args, **meta, BM=32, BN=32, BKH=64, GROUP_M=4)
     elif w_format == "int4b":
         _TUNED["int4b_swap" if swap else "int4b"][grid](*args, **meta)
@@ -261,3 +338,22 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
     else:
         _TUNED["int8_64"][grid](*args, **meta)
     return out
+
+
+def _launch_tma(a, a_scales, w, w_scales, tail, m, n, k, r, a_group, w_group, meta, grid):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    lowrank, proj_up, bias, out = tail
+    # the weight may hold more K columns than the activations: its descriptor stops at K (zeros beyond)
+    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [64, 64])
+    w_desc = TensorDescriptor(w, [n, k], [w.stride(0), 1], [64, 64])
+    args = (a_desc, a_scales, w_desc, w_scales, lowrank, proj_up, bias, out, m, n, k, r, m_bucket(m), a_group,
+            w_group, a_scales.stride(0), w_scales.stride(0), lowrank.stride(0) if r else 0,
+            proj_up.stride(0) if r else 0, out.stride(0))
+    meta = {key: meta[key] for key in ("A_GROUP", "W_GROUP", "HAS_LR", "HAS_BIAS", "BR")}
+    if fixed_config():
+        a_desc.block_shape = [64, 64]
+        w_desc.block_shape = [64, 64]
+        _gemm_tma_kernel[grid(dict(BM=64, BN=64))](*args, **meta, BM=64, BN=64, BK=64, GROUP_M=4)
+    else:
+        _TUNED["tma_64" if (a_group or w_group) else "tma"][grid](*args, **meta)

@@ -1,10 +1,11 @@
-"""Activation quantization fused with the low-rank down-projection: x is divided by ``smooth``, quantized to int4 /
-int8 / fp8 codes and multiplied by ``proj_down`` (fp32 accumulation, 16-bit out).
+"""Activation quantization: x is divided by ``smooth`` and quantized to int4 / int8 / fp8 codes; the low-rank
+down-projection ``(x / smooth) · proj_down`` is one cuBLAS GEMM ``x · (proj_down / smooth)``.
 
-The grid is 2-D, (row blocks) × (K chunks), so that a few thousand tokens still fill the GPU: each program owns a
-``BM × KCH`` tile; its low-rank partial product is added atomically into an fp32 ``(M, R)`` buffer (then rounded
-to x's dtype). Per-group scales need nothing else; per-token scales take two launches (partial row maxima, then
-quantization). Reference: :mod:`dmq.kernels.reference.quant_act`.
+Per token, one program owns 16 whole rows and makes two passes over them (row maxima, then codes; the second read
+mostly hits L2), one launch. Per group, the grid is 2-D, (row blocks) × (K chunks), so
+that a few thousand tokens still fill the GPU. An in-kernel down-projection (a 16-row MMA per K step) cost 3-5x the
+quantization itself on the H100 (issue 7 measurements), hence cuBLAS. Reference:
+:mod:`dmq.kernels.reference.quant_act`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from dmq.kernels.reference.quant_act import act_spec
 
 __all__ = ["quantize_act"]
 
-_BM = 32                 # rows per program
-_TOKEN_BK = 128          # K step of the per-token kernels
+_BM = 32                 # rows per program of the group kernel
 _TARGET_PROGRAMS = 1024  # enough programs for 132 SMs several times over
+# per-token kernel: rows per program and K step; best of a sweep on the H100 (issue 7: 28 us at 4096x3072, vs 68 us
+# for whole rows held in registers and 103 us for the earlier split-K two-launch version)
+_TOKEN_BM = 16
+_TOKEN_BK = 512
 
 
 @triton.jit
@@ -32,23 +36,6 @@ def _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
         sm = tl.load(sm_ptr + rk, mask=rk < K, other=1.0).to(tl.float32)
         x = tl.math.div_rn(x, sm[None, :])
     return x
-
-
-@triton.jit
-def _lowrank_step(acc, xs, pd_ptr, rk, rr, K, R, stride_pk):
-    pd = tl.load(pd_ptr + rk[:, None] * stride_pk + rr[None, :], mask=(rk[:, None] < K) & (rr[None, :] < R),
-                 other=0.0)
-    return tl.dot(xs.to(pd.dtype), pd, acc)
-
-
-@triton.jit
-def _flush_lowrank(lr, lr_ptr, rm, rr, M, R, stride_lm, ATOMIC: tl.constexpr):
-    ptrs = lr_ptr + rm[:, None] * stride_lm + rr[None, :]
-    mask = (rm[:, None] < M) & (rr[None, :] < R)
-    if ATOMIC:
-        tl.atomic_add(ptrs, lr, mask=mask)
-    else:
-        tl.store(ptrs, lr.to(lr_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -77,15 +64,12 @@ def _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8: tl.constexp
 
 
 @triton.jit(do_not_specialize=["M"])
-def _group_kernel(x_ptr, sm_ptr, pd_ptr, c_ptr, s_ptr, lr_ptr, M, K, KP, R, KCH,
-                  stride_xm, stride_cm, stride_sm, stride_pk, stride_lm,
-                  HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, ATOMIC: tl.constexpr, QMAX: tl.constexpr,
-                  PACK: tl.constexpr, GROUP: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr):
+def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_cm, stride_sm,
+                  HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
+                  BM: tl.constexpr):
     """Per-group scales (fp16, as stored by dmq.formats): one pass over a BM × KCH tile."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     k_start = tl.program_id(1) * KCH
-    rr = tl.arange(0, BR)
-    lr = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + KCH, KP), GROUP):
         rk = k0 + tl.arange(0, GROUP)
         xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH)
@@ -94,54 +78,24 @@ def _group_kernel(x_ptr, sm_ptr, pd_ptr, c_ptr, s_ptr, lr_ptr, M, K, KP, R, KCH,
         tl.store(s_ptr + rm * stride_sm + k0 // GROUP, s16, mask=rm < M)
         s = s16.to(tl.float32)
         _store_codes(xs, tl.where(s > 0, s, 1.0), c_ptr, rm, k0, M, KP, stride_cm, False, QMAX, PACK, BM, GROUP)
-        if HAS_LR:
-            lr = _lowrank_step(lr, xs, pd_ptr, rk, rr, K, R, stride_pk)
-    if HAS_LR:
-        _flush_lowrank(lr, lr_ptr, rm, rr, M, R, stride_lm, ATOMIC)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _token_amax_kernel(x_ptr, sm_ptr, pd_ptr, part_ptr, lr_ptr, M, K, KP, R, KCH,
-                       stride_xm, stride_pm, stride_pk, stride_lm,
-                       HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, ATOMIC: tl.constexpr, BR: tl.constexpr,
-                       BM: tl.constexpr, BK: tl.constexpr):
-    """Per-token pass 1: the row maxima of a BM × KCH tile (to ``part[:, chunk]``) and its low-rank product."""
+def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, stride_xm, stride_cm,
+                  HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                  BM: tl.constexpr, BK: tl.constexpr):
+    """Per-token scale = amax / qmax (fp32) and codes of BM whole rows: a max pass, then a quantization pass (its
+    re-read of x mostly hits L2)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    pid_k = tl.program_id(1)
-    k_start = pid_k * KCH
-    rr = tl.arange(0, BR)
-    lr = tl.zeros((BM, BR), dtype=tl.float32)
     amax = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(k_start + KCH, KP), BK):
-        rk = k0 + tl.arange(0, BK)
-        xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH)
+    for k0 in range(0, KP, BK):
+        xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
         amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
-        if HAS_LR:
-            lr = _lowrank_step(lr, xs, pd_ptr, rk, rr, K, R, stride_pk)
-    tl.store(part_ptr + rm * stride_pm + pid_k, amax, mask=rm < M)
-    if HAS_LR:
-        _flush_lowrank(lr, lr_ptr, rm, rr, M, R, stride_lm, ATOMIC)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _token_quant_kernel(x_ptr, sm_ptr, part_ptr, c_ptr, s_ptr, M, K, KP, KCH, NSPLIT,
-                        stride_xm, stride_pm, stride_cm,
-                        HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                        NSP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """Per-token pass 2: scale = max of the partial maxima / qmax (fp32), codes of a BM × KCH tile."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    pid_k = tl.program_id(1)
-    rp = tl.arange(0, NSP)
-    part = tl.load(part_ptr + rm[:, None] * stride_pm + rp[None, :], mask=(rm[:, None] < M) & (rp[None, :] < NSPLIT),
-                   other=0.0)
-    amax = tl.max(part, axis=1)
     s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
-    tl.store(s_ptr + rm, s, mask=(rm < M) & ((rm * 0 + pid_k) == 0))
+    tl.store(s_ptr + rm, s, mask=rm < M)
     s_div = tl.where(s > 0, s, 1.0)
-    k_start = pid_k * KCH
-    for k0 in range(k_start, tl.minimum(k_start + KCH, KP), BK):
-        rk = k0 + tl.arange(0, BK)
-        xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH)
+    for k0 in range(0, KP, BK):
+        xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
         _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
 
 
@@ -149,7 +103,7 @@ def _split(m: int, kp: int, step: int, bm: int) -> tuple[int, int]:
     """(number of K chunks, chunk length): enough programs to fill the GPU, chunks a multiple of ``step``."""
     steps = -(-kp // step)
     if fixed_config():
-        nsplit = min(steps, 2)       # exercise the split (atomics, partial maxima) in the CPU tests
+        nsplit = min(steps, 2)       # exercise the split in the CPU tests
     else:
         nsplit = max(1, min(steps, -(-_TARGET_PROGRAMS // -(-m // bm))))
     per = -(-steps // nsplit)
@@ -159,7 +113,8 @@ def _split(m: int, kp: int, step: int, bm: int) -> tuple[int, int]:
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor | None, qdtype: str,
                  group_size: int, pack: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launcher; same signature and results as :func:`dmq.kernels.reference.quant_act.quantize_act`
-    (codes and scales bit-exact, lowrank within fp32-accumulation rounding)."""
+    (codes and scales bit-exact; lowrank within 16-bit rounding: the smoothing is folded into proj_down, see
+    :func:`_lowrank`)."""
     spec = act_spec(qdtype, group_size)
     check(x.dim() == 2, f"x must be (M, K), got {tuple(x.shape)}")
     check(x.dtype in FLOAT16, f"x must be float16 or bfloat16, got {x.dtype}")
@@ -189,37 +144,32 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
         scales = torch.empty((m, kp // group_size), dtype=torch.float16, device=dev)
     else:
         scales = torch.empty((m,), dtype=torch.float32, device=dev)
-    lowrank = torch.empty((m, r), dtype=x.dtype, device=dev)
+    lowrank = _lowrank(x, smooth, proj_down) if r else x.new_empty((m, 0))
     if m == 0:
         return codes.view(torch.float8_e4m3fn) if qdtype == "fp8_e4m3" else codes, scales, lowrank
-    bm = _BM if m > 16 else 16
-    step = group_size or _TOKEN_BK
-    nsplit, kch = _split(m, kp, step, bm)
-    atomic = r > 0 and nsplit > 1
-    lr_buf = torch.zeros((m, r), dtype=torch.float32, device=dev) if atomic else lowrank
-    br = max(16, next_pow2(r))
     qmax = float(spec.qtype.qmax)
     sm_arg = smooth if smooth is not None else x
-    pd_arg = proj_down if proj_down is not None else x
-    pd_stride = proj_down.stride(0) if proj_down is not None else 0
-    grid = (triton.cdiv(m, bm), nsplit)
     if group_size:
-        _group_kernel[grid](x, sm_arg, pd_arg, codes, scales, lr_buf, m, k, kp, r, kch,
-                            x.stride(0), codes.stride(0), scales.stride(0), pd_stride, lr_buf.stride(0),
-                            HAS_SMOOTH=smooth is not None, HAS_LR=r > 0, ATOMIC=atomic, QMAX=qmax, PACK=bool(pack),
-                            GROUP=int(group_size), BR=br, BM=bm, num_warps=4)
+        bm = _BM if m > 16 else 16
+        nsplit, kch = _split(m, kp, group_size, bm)
+        _group_kernel[(triton.cdiv(m, bm), nsplit)](x, sm_arg, codes, scales, m, k, kp, kch, x.stride(0),
+                                                    codes.stride(0), scales.stride(0), HAS_SMOOTH=smooth is not None,
+                                                    QMAX=qmax, PACK=bool(pack), GROUP=int(group_size), BM=bm,
+                                                    num_warps=4)
     else:
-        part = torch.empty((m, nsplit), dtype=torch.float32, device=dev)
-        _token_amax_kernel[grid](x, sm_arg, pd_arg, part, lr_buf, m, k, kp, r, kch,
-                                 x.stride(0), part.stride(0), pd_stride, lr_buf.stride(0),
-                                 HAS_SMOOTH=smooth is not None, HAS_LR=r > 0, ATOMIC=atomic, BR=br, BM=bm,
-                                 BK=_TOKEN_BK, num_warps=4)
-        _token_quant_kernel[grid](x, sm_arg, part, codes, scales, m, k, kp, kch, nsplit,
-                                  x.stride(0), part.stride(0), codes.stride(0),
-                                  HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3", QMAX=qmax,
-                                  PACK=bool(pack), NSP=max(2, next_pow2(nsplit)), BM=bm, BK=_TOKEN_BK, num_warps=4)
-    if atomic:
-        lowrank = lr_buf.to(x.dtype)
+        bk = min(_TOKEN_BK, max(next_pow2(kp), 16)) if not fixed_config() else 64
+        _token_kernel[(triton.cdiv(m, _TOKEN_BM),)](x, sm_arg, codes, scales, m, k, kp, x.stride(0), codes.stride(0),
+                                                    HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3",
+                                                    QMAX=qmax, PACK=bool(pack), BM=_TOKEN_BM, BK=bk, num_warps=8)
     if qdtype == "fp8_e4m3":
         codes = codes.view(torch.float8_e4m3fn)
     return codes, scales, lowrank
+
+
+def _lowrank(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor) -> torch.Tensor:
+    """``(x / smooth) · proj_down`` as ``x · (proj_down / smooth)``: one GEMM on x as it is, with the smoothing
+    folded into the (K, R) projection in fp32 and rounded once to x's dtype. (M, R) in x's dtype."""
+    pd = proj_down.float()
+    if smooth is not None:
+        pd = pd / smooth.float()[:, None]
+    return x @ pd.to(x.dtype)
