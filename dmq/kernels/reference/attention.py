@@ -33,8 +33,9 @@ LOG2E = 1.4426950408889634
 
 
 def head_dim_padded(d: int) -> int:
-    """Head dim of the code buffers: the next power of two, at least 16 (zero channels change no product)."""
-    return max(16, 1 << (d - 1).bit_length())
+    """Head dim of the code buffers: the next power of two, at least 32 (the K step of int8 MMAs); zero channels
+    change no product."""
+    return max(32, 1 << (d - 1).bit_length())
 
 
 def _pad_tokens(n: int) -> int:

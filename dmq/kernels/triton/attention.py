@@ -1,6 +1,6 @@
 """8-bit attention (SageAttention2-style): int8 ``QKᵀ`` on integer tensor cores, online softmax in fp32 (exp2),
 fp8 e4m3 ``P̃V`` with two-level fp32 accumulation. Non-causal, no mask; any head dim ≤ 256 (padded to a power of
-two, at least 16); any sequence lengths (masked tails); separate query and key lengths (cross-attention).
+two, at least 32); any sequence lengths (masked tails); separate query and key lengths (cross-attention).
 
 Two launches: ``_quant_kernel`` quantizes Q, K (minus its mean over tokens, computed by PyTorch) and V in one grid
 into the padded layout of :func:`dmq.kernels.reference.attention.quantize_qkv` (bit for bit), then ``_attn_kernel``
