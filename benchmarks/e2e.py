@@ -1,0 +1,229 @@
+"""One denoiser step at 1024² on a GPU, for real model configs with random bf16 weights: bf16 eager and compiled,
+fp8 row-wise (torchao, and dmq's fp8 preset on ``torch._scaled_mm``), dmq w8a8, dmq svdquant-w4a4 (rank 32) and
+svdquant-w4a4 with two LoRAs (rank 32 + 16 + 16).
+
+    python benchmarks/e2e.py --models flux-dev --batches 1 --variants bf16 bf16-compile dmq-svdquant-w4a4
+
+Every variant runs in its own process (compile and quantization leave state behind) and first re-measures bf16
+eager in that process: rows carry ``ms``, the process's ``anchor_ms`` (bf16 eager), ``ratio_vs_eager`` and
+``ratio_vs_compiled`` = (bf16-compiled ms / its anchor) ÷ (ms / anchor), so ratios stay comparable across processes.
+A ``+compile`` suffix compiles a dmq variant. Each row also has a per-kind breakdown of GPU kernel time from the
+profiler (``linear_ms``, ``attention_ms``, ``other_ms``), the peak memory of the step, the denoiser's weight bytes,
+the preparation time (quantization / first compiled call) and the Amdahl ceiling of a variant whose linears ran at
+the fp8 rate. Results: ``benchmarks/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_results  # noqa: E402
+from model_configs import build_model, make_inputs  # noqa: E402
+
+MODELS = ("flux-dev", "pixart-sigma", "sdxl")
+VARIANTS = ("bf16", "bf16-compile", "torchao-fp8", "dmq-fp8", "dmq-w8a8", "dmq-svdquant-w4a4",
+            "dmq-svdquant-w4a4-lora")
+_LINEAR_KERNELS = ("gemm", "gemv", "matmul", "cutlass", "xmma", "nvjet", "scaled_mm", "quantize_act", "_int_mm",
+                   "weight_only", "fp8_linear", "dequantize", "splitk", "gemm_int")
+_ATTENTION_KERNELS = ("flash", "fmha", "attention", "sdpa", "softmax")
+
+
+def _median_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in _ATTENTION_KERNELS):
+        return "attention"
+    if any(k in low for k in _LINEAR_KERNELS):
+        return "linear"
+    return "other"
+
+
+def _breakdown(fn) -> dict[str, float]:
+    """GPU kernel time of one call of ``fn`` by kind, in ms, and the five slowest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    per_kernel: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = evt.self_cuda_time_total
+        if us <= 0:
+            continue
+        kinds[_kernel_kind(evt.key)] += us / 1e3
+        per_kernel[evt.key] = us / 1e3
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:5]
+    return {"linear_ms": round(kinds["linear"], 3), "attention_ms": round(kinds["attention"], 3),
+            "other_ms": round(kinds["other"], 3), "top_kernels": "; ".join(f"{k[:60]} {v:.2f}" for k, v in top)}
+
+
+def _nbytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _random_loras(model: torch.nn.Module, ranks: tuple[int, ...]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """One ``{module: (A (r, K), B (N, r))}`` LoRA per rank over every quantized linear, small random values."""
+    from dmq.nn.base import QuantGemm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    loras = []
+    for r in ranks:
+        lora = {}
+        for name, m in model.named_modules():
+            if isinstance(m, QuantGemm) and m.taps == 1 and m.act_spec is not None:
+                k, n = m.channels, m.out_features
+                lora[name] = (torch.randn(r, k, device="cuda", generator=g) / k**0.5,
+                              torch.randn(n, r, device="cuda", generator=g) * 1e-2)
+        loras.append(lora)
+    return loras
+
+
+def _prepare(model: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, str]:
+    """Apply ``variant`` (without its ``+compile``) to ``model``; returns the model and a note."""
+    if variant == "bf16":
+        return model, ""
+    if variant == "torchao-fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        return model, "torchao fp8 dynamic, per row"
+    if variant.startswith("dmq-"):
+        from dmq.config import get_preset
+        from dmq.methods.lora import add_lora_to_model
+        from dmq.pipelines.quantize import quantize_model
+        from dmq.pipelines.roles import roles_for
+
+        preset = variant[4:].removesuffix("-lora")
+        quantize_model(model, get_preset(preset), roles_for(model), "denoiser", progress=False)
+        note = f"dmq preset {preset}, data-free"
+        if variant.endswith("-lora"):
+            for i, lora in enumerate(_random_loras(model, (16, 16))):
+                add_lora_to_model(model, lora, name=f"lora{i}")
+            note += ", two LoRAs of rank 16 in the branch"
+        return model, note
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def worker(model_name: str, variant: str, batches: list[int]) -> list[dict]:
+    """Rows of one variant, measured in this process after a bf16-eager anchor."""
+    import triton
+
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_model(model_name, device="cuda", dtype=torch.bfloat16)
+    bf16_bytes = _nbytes(model)
+    inputs = {b: make_inputs(model_name, batch=b, device="cuda", generator=torch.Generator("cuda").manual_seed(b))
+              for b in batches}
+    anchors = {}
+    with torch.inference_mode():
+        for b in batches:
+            anchors[b] = _median_ms(lambda: model(**inputs[b]))
+    base, compiled = variant.removesuffix("+compile"), variant.endswith("+compile") or variant == "bf16-compile"
+    if base == "bf16-compile":
+        base = "bf16"
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model, note = _prepare(model, base)
+    torch.cuda.synchronize()
+    prep_s = time.perf_counter() - t0
+    fn_model = torch.compile(model) if compiled else model
+    rows = []
+    for b in batches:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            fn_model(**inputs[b])
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            torch.cuda.reset_peak_memory_stats()
+            ms = _median_ms(lambda: fn_model(**inputs[b]))
+            peak = torch.cuda.max_memory_allocated()
+            parts = _breakdown(lambda: fn_model(**inputs[b]))
+        rows.append({"case": model_name, "variant": variant, "batch": b, "ms": round(ms, 3),
+                     "anchor_ms": round(anchors[b], 3), "ratio_vs_eager": round(anchors[b] / ms, 3),
+                     "weight_bytes": _nbytes(model), "weight_ratio_vs_bf16": round(bf16_bytes / _nbytes(model), 3),
+                     "peak_mem_bytes": peak, "prepare_s": round(prep_s, 2), "first_call_s": round(first_s, 2),
+                     **parts, "notes": note, "triton": triton.__version__})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _finish(rows: list[dict]) -> list[dict]:
+    """Add ``ratio_vs_compiled`` (normalized by each process's anchor) and the fp8-linears Amdahl ceiling."""
+    for r in rows:
+        if "ms" not in r:
+            continue
+        comp = next((c for c in rows if c["case"] == r["case"] and c.get("batch") == r["batch"]
+                     and c["variant"] == "bf16-compile" and "ms" in c), None)
+        if comp is not None:
+            r["ratio_vs_compiled"] = round((comp["ms"] / comp["anchor_ms"]) / (r["ms"] / r["anchor_ms"]), 3)
+        eager = next((c for c in rows if c["case"] == r["case"] and c.get("batch") == r["batch"]
+                      and c["variant"] == "bf16" and "ms" in c), None)
+        if eager is not None and comp is not None and r["variant"] == "bf16-compile":
+            total = eager["linear_ms"] + eager["attention_ms"] + eager["other_ms"]
+            # the compiled step with its linears 1.63× faster (fp8 cuBLAS at FLUX shapes, HOPPER_FACTS)
+            lin = eager["linear_ms"] * (r["ms"] / max(total, 1e-9))
+            r["fp8_linear_ceiling_vs_compiled"] = round(r["ms"] / (r["ms"] - lin + lin / 1.63), 3)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 4])
+    parser.add_argument("--name", default="e2e-h100", help="results/<name>.json")
+    parser.add_argument("--timeout-s", type=float, default=280, help="per variant process")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker, args.batches)
+        return
+    rows: list[dict] = []
+    for model in args.models:
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--worker", model, variant, "--batches", *map(str, args.batches)]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                got = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+                if out.returncode != 0 or not got:
+                    err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                    got.append({"case": model, "variant": variant, "error": err[:300]})
+            except subprocess.TimeoutExpired:
+                got = [{"case": model, "variant": variant, "error": f"timed out after {args.timeout_s} s"}]
+            for r in got:
+                print(r, flush=True)
+            rows += got
+            write_results(args.name, _finish(rows))
+    print(f"wrote {write_results(args.name, _finish(rows))}")
+
+
+if __name__ == "__main__":
+    main()
