@@ -213,7 +213,8 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 _FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_FP4_MIDPOINTS = (_FP4_VALUES[1:] + _FP4_VALUES[:-1]) / 2
+# Python floats, so that torch.compile traces fp4_encode without a graph break (no Tensor.tolist() inside it)
+_FP4_MIDPOINTS = tuple(((_FP4_VALUES[1:] + _FP4_VALUES[:-1]) / 2).tolist())
 
 
 def fp4_encode(x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +222,7 @@ def fp4_encode(x: torch.Tensor) -> torch.Tensor:
     round-to-nearest with ties to the even code, saturating at ±6. Returns uint8 in [0, 15]."""
     a = x.abs().to(torch.float32)
     mag = torch.zeros_like(a, dtype=torch.uint8)
-    for i, m in enumerate(_FP4_MIDPOINTS.tolist()):
+    for i, m in enumerate(_FP4_MIDPOINTS):
         # a tie between codes i and i + 1 goes to the even one
         above = (a >= m) if i % 2 else (a > m)
         mag += above.to(torch.uint8)

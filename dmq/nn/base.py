@@ -122,7 +122,8 @@ class QuantGemm(QuantModule):
             return x
         scale = None
         if self.input_scale is not None:
-            if torch.isnan(self.input_scale).any():
+            # checked eagerly only: a data-dependent branch would break a torch.compile graph
+            if not torch.compiler.is_compiling() and torch.isnan(self.input_scale).any():
                 raise CalibrationRequiredError(
                     f"{type(self).__name__} has a static activation quantizer that was never calibrated; "
                     "pass calibration data to dmq.quantize_pipeline")
@@ -131,7 +132,7 @@ class QuantGemm(QuantModule):
                 if self.timestep_state is None or self.timestep_state.bucket is None:
                     raise CalibrationRequiredError(f"{type(self).__name__} has per-timestep ranges but no timestep "
                                                    "context: call it through its denoiser")
-                scale = scale[self.timestep_state.bucket]
+                scale = scale.index_select(0, self.timestep_state.bucket.to(scale.device).reshape(1))[0]
         return fake_quantize(x, self.act_spec, scale, channel_dim=self.act_channel_dim)
 
     # -- forward -----------------------------------------------------------------------------------------------------

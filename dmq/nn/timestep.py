@@ -20,16 +20,18 @@ __all__ = ["TimestepState", "attach_timestep_state"]
 
 @dataclass
 class TimestepState:
-    """``num_buckets`` buckets of normalized t; ``bucket`` is set at each denoiser call (``None`` outside one)."""
+    """``num_buckets`` buckets of normalized t; ``bucket`` (int64 0-d tensor) is set at each denoiser call (``None``
+    outside one). It stays a tensor, computed in float64 like ``min(int(t / divisor · B), B − 1)``, so that
+    torch.compile traces it without a ``.item()`` graph break or a recompile per bucket."""
 
     num_buckets: int
     divisor: float
-    bucket: int | None = None
+    bucket: torch.Tensor | None = None
 
     def set_from(self, timestep: torch.Tensor | float) -> None:
-        t = timestep.detach().reshape(-1)[0].item() if isinstance(timestep, torch.Tensor) else float(timestep)
-        t_norm = min(max(t / self.divisor, 0.0), 1.0)
-        self.bucket = min(int(t_norm * self.num_buckets), self.num_buckets - 1)
+        t = timestep.detach().reshape(-1)[0] if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
+        t_norm = (t.to(torch.float64) / self.divisor).clamp(0.0, 1.0)
+        self.bucket = (t_norm * self.num_buckets).to(torch.int64).clamp(max=self.num_buckets - 1)
 
 
 def attach_timestep_state(model: nn.Module, layers: list[nn.Module], num_buckets: int, num_train_timesteps: int,
