@@ -19,12 +19,13 @@ import triton
 import triton.language as tl
 
 from dmq.kernels._common import FLOAT16, bench_fn, check, encode_e4m3, fixed_config, interpreting, m_bucket, rint_small
-from dmq.kernels.reference.attention import (BLOCK_K, BLOCK_N, BLOCK_Q, BLOCK_V, LOG2E, P_SCALE, PAD,
-                                             head_dim_padded)
+from dmq.kernels.reference import attention as _ref
+from dmq.kernels.reference.attention import BLOCK_K, BLOCK_N, BLOCK_Q, BLOCK_V, LOG2E, PAD, head_dim_padded
 
 __all__ = ["quantize_qkv", "attend_codes", "int8_attention"]
 
 MAX_HEAD_DIM = 256
+P_SCALE = tl.constexpr(_ref.P_SCALE)  # a jit function may read a global only when it is a constexpr
 
 
 def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
