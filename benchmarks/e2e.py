@@ -7,7 +7,8 @@ svdquant-w4a4 with two LoRAs (rank 32 + 16 + 16).
 Every variant runs in its own process (compile and quantization leave state behind) and first re-measures bf16
 eager in that process: rows carry ``ms``, the process's ``anchor_ms`` (bf16 eager), ``ratio_vs_eager`` and
 ``ratio_vs_compiled`` = (bf16-compiled ms / its anchor) ÷ (ms / anchor), so ratios stay comparable across processes.
-A ``+compile`` suffix compiles a dmq variant. Each row also has a per-kind breakdown of GPU kernel time from the
+A ``+compile`` suffix compiles a variant (``torch.compile``, default mode); ``+cudagraph`` replays the eager step
+from a captured CUDA graph (static inputs), which removes the host's per-launch overhead without compiling. Each row also has a per-kind breakdown of GPU kernel time from the
 profiler (``linear_ms``, ``attention_ms``, ``other_ms``), the peak memory of the step, the denoiser's weight bytes,
 the preparation time (quantization / first compiled call) and the Amdahl ceiling of a variant whose linears ran at
 the fp8 rate. Results: ``benchmarks/results/<name>.json``.
@@ -84,6 +85,21 @@ def _breakdown(fn) -> dict[str, float]:
             "other_ms": round(kinds["other"], 3), "top_kernels": "; ".join(f"{k[:60]} {v:.2f}" for k, v in top)}
 
 
+def _graphed(model: torch.nn.Module, inputs: dict):
+    """A function replaying ``model(**inputs)`` from a CUDA graph (warmed up on a side stream first, so that
+    autotuning and lazy initialisation happen outside the capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            model(**inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(**inputs)
+    return lambda **_: graph.replay()
+
+
 def _nbytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -145,20 +161,23 @@ def worker(model_name: str, variant: str, batches: list[int]) -> list[dict]:
     with torch.inference_mode():
         for b in batches:
             anchors[b] = _median_ms(lambda: model(**inputs[b]))
-    base, compiled = variant.removesuffix("+compile"), variant.endswith("+compile") or variant == "bf16-compile"
-    if base == "bf16-compile":
-        base = "bf16"
+    graphed = variant.endswith("+cudagraph")
+    base = variant.removesuffix("+cudagraph").removesuffix("+compile")
+    compiled = variant.endswith("+compile") or base == "bf16-compile"
+    base = "bf16" if base == "bf16-compile" else base
     t0 = time.perf_counter()
     with torch.no_grad():
         model, note = _prepare(model, base)
     torch.cuda.synchronize()
     prep_s = time.perf_counter() - t0
-    fn_model = torch.compile(model) if compiled else model
     rows = []
     for b in batches:
         with torch.inference_mode():
             t0 = time.perf_counter()
+            fn_model = torch.compile(model) if compiled else model
             fn_model(**inputs[b])
+            if graphed:
+                fn_model = _graphed(model, inputs[b])
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
             torch.cuda.reset_peak_memory_stats()
