@@ -54,7 +54,7 @@ def test_presets_lists_each_preset_with_its_description(capsys):
     (["quantize", "--model", "digits-unet", "--preset", "w8a8", "--out", "EXISTS"], "pass --overwrite"),
     (["quantize", "--preset", "w8a8", "--out", "OUT"], "the following arguments are required: --model"),
     (["quantize", "--model", "digits-dit", "--preset", "w8a8", "--out", "OUT", "--calib-class-labels", "x"],
-     "class labels are integers"),
+     "expected a class label (an integer >= 0)"),
     (["bench", "--iters", "two"], "expected a positive integer, got 'two'"),
     (["bench", "--preset", "nope"], "unknown preset 'nope'"),
     (["demo", "--num-images", "-1"], "expected a positive integer, got -1"),

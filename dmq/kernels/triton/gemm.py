@@ -60,6 +60,20 @@ def _epilogue(acc, rm, rn, om, on, M, N, as_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, 
              mask=(om[:, None] < M) & (on[None, :] < N))
 
 
+@triton.jit
+def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile ``(pid_m, pid_n)`` in grouped order (GROUP_M row tiles share a column sweep, for
+    L2 reuse)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BM) - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
                  M, N, K, KW, R, M_BUCKET, GA, GW,
@@ -68,15 +82,7 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
                  HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, PAIR: tl.constexpr, SWAP: tl.constexpr, BR: tl.constexpr,
                  EVEN_K: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BKH: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % size_m)
-    pid_n = (pid % per_group) // size_m
-
+    pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
     om = pid_m * BM + tl.arange(0, BM)
     on = pid_n * BN + tl.arange(0, BN)
     rm = om % M                      # wrapped rows/cols: loads need no M/N mask, stores are masked
@@ -201,17 +207,10 @@ def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_pt
                      BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """int8 × int8 GEMM with both operands loaded by the tensor-memory accelerator (host-side descriptors; out of
     bounds reads are zeros, so no masks and no K tail); group scales (multiples of BK) are applied per K step."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % size_m)
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
     om = pid_m * BM + tl.arange(0, BM)
     on = pid_n * BN + tl.arange(0, BN)
-    rm = om % M
+    rm = om % M                      # wrapped rows/cols: loads need no M/N mask, stores are masked
     rn = on % N
     if A_GROUP or W_GROUP:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
