@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from dmq.evaluation.runner import results_document
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TOP_LEVEL_KEYS = ("device", "versions", "command", "rows")
 VERSION_KEYS = ("torch", "triton", "diffusers", "dmq")
@@ -17,21 +19,6 @@ VERSION_KEYS = ("torch", "triton", "diffusers", "dmq")
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def versions() -> dict[str, str | None]:
-    import diffusers
-
-    import dmq
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "diffusers": diffusers.__version__,
-            "dmq": dmq.__version__}
 
 
 def validate(doc: dict[str, Any]) -> None:
@@ -56,8 +43,8 @@ def validate(doc: dict[str, Any]) -> None:
 
 def write_results(name: str, rows: list[dict[str, Any]], results_dir: Path = RESULTS_DIR) -> Path:
     """Write ``results/<name>.json`` with device, versions, the exact command line and the rows."""
-    doc = {"device": device_name(), "versions": versions(),
-           "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]), "rows": rows}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    doc = results_document(rows, " ".join(shlex.quote(a) for a in ["python", *sys.argv]), device)
     validate(doc)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"

@@ -469,7 +469,7 @@ def main() -> None:
     import dmq.kernels.linear  # noqa: F401 - registers the layer kernels
 
     try:
-        import diffusers  # noqa: F401 - common.versions() records its version
+        import diffusers  # noqa: F401 - the results file records its version
     except ImportError:
         import types
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from dmq.errors import ConfigError
 
 __all__ = ["BUILTIN_PROMPTS", "Item", "pipeline_kind", "make_items", "read_prompt_file", "load_pipeline",
-           "generate_images", "evaluate", "format_rows"]
+           "generate_images", "evaluate", "format_rows", "results_document"]
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,9 @@ def _stats(name: str, values: torch.Tensor) -> dict[str, float]:
     return {name: mean, f"{name}_std": std}
 
 
-def _results_document(rows: list[dict[str, Any]], command: str, device: torch.device) -> dict[str, Any]:
-    """The results file of ``../shared/DESIGN.md``: device, versions, command, rows."""
+def results_document(rows: list[dict[str, Any]], command: str, device: torch.device) -> dict[str, Any]:
+    """A results file as DESIGN.md gives it (``benchmarks/results/*.json`` use it too): ``device`` (the GPU's
+    name, or "cpu"), ``versions`` (torch, triton, diffusers, dmq), ``command`` and ``rows``."""
     import diffusers
 
     import dmq
@@ -419,7 +420,7 @@ def evaluate(pipeline: str | Callable[[], Any], out: str | Path, *, variants: Se
             row["accuracy"] = float(hits.mean())
         rows.append(row)
 
-    doc = _results_document(rows, command or shlex.join(sys.argv), device)
+    doc = results_document(rows, command or shlex.join(sys.argv), device)
     if acc.is_main_process:
         ref = torch.stack([_load_png(p) for p in paths[ref_name][:_GRID_ITEMS]])
         for name in names[1:]:
