@@ -3,6 +3,7 @@ fp8 row-wise (torchao, and dmq's fp8 preset on ``torch._scaled_mm``), dmq w8a8, 
 svdquant-w4a4 with two LoRAs (rank 32 + 16 + 16).
 
     python benchmarks/e2e.py --models flux-dev --batches 1 --variants bf16 bf16-compile dmq-svdquant-w4a4
+    python benchmarks/e2e.py --models flux-dev --batches 1 --variants bf16-attn8 dmq-svdquant-w4a4-2l-attn8+cudagraph
 
 Every variant runs in its own process (compile and quantization leave state behind) and first re-measures bf16
 eager in that process: rows carry ``ms``, the process's ``anchor_ms`` (bf16 eager), ``ratio_vs_eager`` and
@@ -122,7 +123,14 @@ def _random_loras(model: torch.nn.Module, ranks: tuple[int, ...]) -> list[dict[s
 
 
 def _prepare(model: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, str]:
-    """Apply ``variant`` (without its ``+compile``) to ``model``; returns the model and a note."""
+    """Apply ``variant`` (without its ``+compile``) to ``model``; returns the model and a note. A ``-attn8`` suffix
+    also runs self/joint attention in 8 bits (dmq.methods.attention)."""
+    if variant.endswith("-attn8"):
+        from dmq.methods.attention import enable_quantized_attention
+
+        model, note = _prepare(model, variant.removesuffix("-attn8"))
+        n = len(enable_quantized_attention(model, "int8"))
+        return model, f"{note + ', ' if note else ''}int8 attention on {n} modules"
     if variant == "bf16":
         return model, ""
     if variant == "torchao-fp8":

@@ -127,8 +127,9 @@ def svd_parts(x, w, rank):
 
 # -- variants --------------------------------------------------------------------------------------------------------------
 def gemm_variants(m, k, n, dev):
-    from dmq.formats import QuantSpec, padded_channels
+    from dmq.formats import QuantSpec, padded_channels, quantize
     from dmq.kernels import ops
+    from dmq.kernels.layouts import int4_to_blocked
     from dmq.kernels.triton import gemm as tg
     from dmq.kernels.triton import quant_act as tq
 
@@ -210,6 +211,22 @@ def gemm_variants(m, k, n, dev):
             v["abl-g64-gemm-no-epilogue-no-scales"] = ((lambda w8c, codes, sa1, sw1: lambda xx: tg.gemm_int(
                 codes, sa1, w8c, sw1, "int8", 0, 0, None, None, None, torch.bfloat16))(w8c, codes, sa1, sw1),
                 False, None, "tma")
+    # two-level int4 g64 on both sides (dmq.formats.QuantSpec.two_level): the resident 4-bit weight is expanded to
+    # int8 code · sub per call and the per-token × per-channel int8 GEMM runs with no scales in its K loop
+    spec2 = QuantSpec("int4", "group", 64, two_level=True)
+    q2 = quantize(resid.reshape(n, 1, k), spec2)
+    wq2, sub2, s2w = int4_to_blocked(q2.codes.reshape(n, -1), k), q2.scales.contiguous(), q2.scale2.contiguous()
+    kp2 = padded_channels(spec2, k)
+    bpp2 = 0.5 + 1 / 64 + 4 / k
+    expand2 = lambda: ops.dequantize_weight(wq2, sub2, "int4b", 64, kp2, torch.int8)  # noqa: E731
+
+    def path2(pdr, pur):
+        return lambda xx: ops.quantized_linear(xx, smooth, pdr, pur, expand2(), s2w, "int8", 0, b, "int4_2l", 64)
+    v["dmq-w4a4-2l-r32"] = (path2(pd, pu), True, bpp2 + branch(32), "tma")
+    v["dmq-w4a4-2l-r32+2lora"] = (path2(pd64, pu64), False, bpp2 + branch(64), "tma")
+    v["abl-2l-quant+down-only"] = (lambda xx: tq.quantize_act(xx, smooth, pd, "int4_2l", 64, False), False, None,
+                                   None)
+    v["abl-2l-unpack-only"] = (lambda xx: expand2(), False, None, None)
     return x, w, b, v
 
 
@@ -391,7 +408,7 @@ def _run_checks(dev, rows):
             a, r = tnv.nvfp4_quantize(x, sm, am), rnv.nvfp4_quantize(x, sm, am)
             ok = torch.equal(a[0], r[0]) and torch.equal(a[1].view(torch.uint8), r[1].view(torch.uint8))
             record(f"nvfp4_quantize {dn}", ok)
-            args = (x, sm, None, None, q.codes.reshape(n, -1), q.scales, q.global_scale, None)
+            args = (x, sm, None, None, q.codes.reshape(n, -1), q.scales, q.scale2, None)
             e = rel(tnv.nvfp4_linear(*args), rnv.nvfp4_linear(*args))
             record(f"nvfp4_linear {dn}", e < 1e-2, e)
         guard(f"nvfp4 {dn}", f_nv)
@@ -411,7 +428,9 @@ def _run_checks(dev, rows):
                    "w4a4": (QuantSpec("int4", "group", 64), QuantSpec("int4", "group", 64)),
                    "w4a16": (QuantSpec("int4", "group", 64), None),
                    "fp8": (QuantSpec("fp8_e4m3", "channel"), QuantSpec("fp8_e4m3", "token")),
-                   "nvfp4": (QuantSpec("nvfp4", "group", 16), QuantSpec("nvfp4", "group", 16))}
+                   "nvfp4": (QuantSpec("nvfp4", "group", 16), QuantSpec("nvfp4", "group", 16)),
+                   "w4a4-2l": (QuantSpec("int4", "group", 64, two_level=True),
+                               QuantSpec("int4", "group", 64, two_level=True))}
         for pname, (ws, acts) in presets.items():
             for m in (1, 37, 600):
                 def f(pname=pname, ws=ws, acts=acts, m=m):

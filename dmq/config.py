@@ -199,6 +199,12 @@ register_preset("svdquant-w4a4",
                             smooth_alpha=0.5),
                 "SVDQuant: smoothing (with calibration data) + rank-32 16-bit branch + int4 g64 residual and "
                 "activations; data-free without calibration")
+register_preset("svdquant-w4a4-2l",
+                QuantConfig(QuantSpec("int4", "group", 64, two_level=True),
+                            QuantSpec("int4", "group", 64, two_level=True), modulation=_INT4_G64, rank=32,
+                            smooth_alpha=0.5),
+                "SVDQuant with two-level int4 g64 scales (integer sub-scales × one fp32 scale per row): group-wise "
+                "accuracy at per-channel GEMM speed on Hopper's int8 tensor cores")
 register_preset("svdquant-nvfp4",
                 QuantConfig(QuantSpec("nvfp4", "group", 16), QuantSpec("nvfp4", "group", 16), modulation=_INT4_G64,
                             rank=32, smooth_alpha=0.5),

@@ -35,6 +35,7 @@ __all__ = [
     "fp4_decode",
     "padded_channels",
     "storage_nbytes",
+    "SUB_MAX",
 ]
 
 
@@ -63,6 +64,8 @@ QTYPES: dict[str, QType] = {
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 _E4M3_MAX = 448.0
+# two-level int4: integer group sub-scales in [1, SUB_MAX]; |code · sub| ≤ 8 · 15 = 120 fits an int8
+SUB_MAX = 15
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class QuantSpec:
     ``granularity``: ``"tensor"`` (one scale), ``"channel"`` (one per output channel, weights), ``"token"`` (one per
     token row, activations, dynamic), ``"group"`` (one per ``group_size`` consecutive channels of a row).
     ``dynamic``: activation scales computed at every call; ``False`` means a calibrated (static) scale is used.
+    ``two_level`` (int4 groups only): each group's scale is an integer sub-scale in ``[1, SUB_MAX]`` times one fp32
+    scale per row (QServe's progressive group quantization, here on both GEMM operands), so ``code · sub`` is an
+    exact int8 value and an int8 GEMM needs only per-row × per-column scales, none inside its K loop.
     """
 
     dtype: str
@@ -79,6 +85,7 @@ class QuantSpec:
     group_size: int | None = None
     symmetric: bool = True
     dynamic: bool = True
+    two_level: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in QTYPES:
@@ -95,6 +102,9 @@ class QuantSpec:
             raise ConfigError("nvfp4 is defined with granularity='group' and group_size=16")
         if self.qtype.is_float and not self.symmetric:
             raise ConfigError(f"{self.dtype} is a floating-point format and supports only symmetric quantization")
+        if self.two_level and (self.dtype != "int4" or self.granularity != "group" or not self.symmetric):
+            raise ConfigError("two_level scales are defined for symmetric int4 with granularity='group', got "
+                              f"{self.dtype} {self.granularity}{'' if self.symmetric else ' asymmetric'}")
         if not self.dynamic and self.granularity not in ("tensor", "channel"):
             raise ConfigError(f"static (calibrated) quantization needs granularity 'tensor' or 'channel', "
                               f"got {self.granularity!r}")
@@ -109,9 +119,12 @@ class QuantSpec:
 
     @property
     def scale_dtype(self) -> torch.dtype:
-        """fp8 e4m3 for nvfp4 group scales, fp16 for other group scales, fp32 for per-tensor/channel/token scales."""
+        """fp8 e4m3 for nvfp4 group scales, uint8 for two-level integer sub-scales, fp16 for other group scales, fp32
+        for per-tensor/channel/token scales."""
         if self.dtype == "nvfp4":
             return torch.float8_e4m3fn
+        if self.two_level:
+            return torch.uint8
         return torch.float16 if self.granularity == "group" else torch.float32
 
     def fitted(self, channels: int) -> "QuantSpec":
@@ -131,7 +144,7 @@ class QuantSpec:
         """Short human-readable name, e.g. ``int4 g64`` or ``int8 per-token``."""
         gran = {"tensor": "per-tensor", "channel": "per-channel", "token": "per-token"}.get(
             self.granularity, f"g{self.group_size}")
-        extra = "" if self.symmetric else " asym"
+        extra = (" two-level" if self.two_level else "") + ("" if self.symmetric else " asym")
         static = "" if self.dynamic else " static"
         return f"{self.dtype} {gran}{extra}{static}"
 
@@ -150,13 +163,14 @@ class Quantized(NamedTuple):
     scales: ``()`` per tensor, ``(R,)`` per channel/token, ``(R, T * Cp // g)`` per group, in ``spec.scale_dtype``.
     zeros: int8, same shape as scales, asymmetric int formats only (codes and zeros are both shifted to the signed
     range, value = (code - zero) * scale).
-    global_scale: fp32 scalar, nvfp4 only.
+    scale2: fp32 second-level scale: a scalar for nvfp4, ``(R,)`` per row for two-level int4 (value =
+    code · sub-scale · scale2[row]).
     """
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor | None = None
-    global_scale: torch.Tensor | None = None
+    scale2: torch.Tensor | None = None
 
 
 def padded_channels(spec: QuantSpec, channels: int) -> int:
@@ -182,8 +196,8 @@ def storage_nbytes(spec: QuantSpec, rows: int, taps: int, channels: int) -> int:
         n_scales = 1
     scale_bytes = n_scales * torch.empty((), dtype=spec.scale_dtype).element_size()
     zero_bytes = 0 if spec.symmetric else n_scales
-    global_bytes = 4 if spec.dtype == "nvfp4" else 0
-    return code_bytes + scale_bytes + zero_bytes + global_bytes
+    scale2_bytes = 4 if spec.dtype == "nvfp4" else 4 * rows if spec.two_level else 0
+    return code_bytes + scale_bytes + zero_bytes + scale2_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,19 +300,22 @@ def quantize(x3: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = Non
     qt = spec.qtype
     r, t, _ = x3.shape
     xb = _blocks(_pad(x3.to(torch.float32), spec), spec)
-    zeros = global_scale = None
+    zeros = scale2 = None
 
     if spec.dtype == "nvfp4":
         amax_t = xb.abs().amax() if scale is None else scale.to(torch.float32).reshape(())
-        global_scale = (amax_t / (qt.qmax * _E4M3_MAX)).to(torch.float32)
-        g_safe = torch.where(global_scale > 0, global_scale, torch.ones_like(global_scale))
+        scale2 = (amax_t / (qt.qmax * _E4M3_MAX)).to(torch.float32)
+        g_safe = torch.where(scale2 > 0, scale2, torch.ones_like(scale2))
         s_blk = (xb.abs().amax(dim=-1, keepdim=True) / qt.qmax / g_safe).clamp(max=_E4M3_MAX)
         s_store = s_blk.to(torch.float8_e4m3fn)
-        eff = s_store.to(torch.float32) * global_scale
+        eff = s_store.to(torch.float32) * scale2
         nib = fp4_encode(xb / torch.where(eff > 0, eff, torch.ones_like(eff)))
         nib = torch.where(eff > 0, nib, torch.zeros_like(nib))
         codes = pack_nibbles(nib.reshape(r, t, -1))
-        return Quantized(codes, _store_scales(s_store, spec, r, t), None, global_scale)
+        return Quantized(codes, _store_scales(s_store, spec, r, t), None, scale2)
+
+    if spec.two_level:
+        return _quantize_two_level(xb, spec, r, t)
 
     if scale is None:
         if spec.symmetric:
@@ -330,7 +347,23 @@ def quantize(x3: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = Non
             zeros = _store_scales((z_u + qt.qmin).to(torch.int8), spec, r, t)
         q = q.to(torch.int8).reshape(r, t, -1)
         codes = pack_nibbles(q) if qt.packed else q
-    return Quantized(codes, _store_scales(s_store, spec, r, t), zeros, global_scale)
+    return Quantized(codes, _store_scales(s_store, spec, r, t), zeros, scale2)
+
+
+def _quantize_two_level(xb: torch.Tensor, spec: QuantSpec, r: int, t: int) -> Quantized:
+    """Two-level int4 of fp32 blocks ``(R, T, G, g)``: ideal group scales ``s_g = amax_g / qmax``, one fp32 scale
+    per row ``scale2 = max(s_g) / SUB_MAX``, sub-scales ``round(s_g / scale2)`` clamped to ``[1, SUB_MAX]``, codes
+    ``round(x / (sub · scale2))`` clamped to the int4 range. Every division has a tensor divisor (IEEE on every
+    device), so a kernel doing the same operations gets the same bits."""
+    qt = spec.qtype
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    s_g = amax / torch.full_like(amax, qt.qmax)
+    row_max = s_g.reshape(r, -1).amax(dim=1)
+    scale2 = row_max / torch.full_like(row_max, SUB_MAX)
+    s2 = torch.where(scale2 > 0, scale2, torch.ones_like(scale2)).reshape(r, 1, 1, 1)
+    sub = torch.round(s_g / s2).clamp(1, SUB_MAX)
+    q = torch.round(xb / (sub * s2)).clamp(qt.qmin, qt.qmax).to(torch.int8).reshape(r, t, -1)
+    return Quantized(pack_nibbles(q), _store_scales(sub.to(torch.uint8), spec, r, t), None, scale2)
 
 
 def dequantize(q: Quantized, spec: QuantSpec, channels: int) -> torch.Tensor:
@@ -347,8 +380,9 @@ def dequantize(q: Quantized, spec: QuantSpec, channels: int) -> torch.Tensor:
     s = _expand_scales(q.scales.to(torch.float32), spec, r, t)
     if q.zeros is not None:
         vb = vb - _expand_scales(q.zeros.to(torch.float32), spec, r, t)
-    if q.global_scale is not None:
-        s = s * q.global_scale.to(torch.float32)
+    if q.scale2 is not None:
+        s2 = q.scale2.to(torch.float32)
+        s = s * (s2.reshape(r, 1, 1, 1) if s2.dim() else s2)   # per row (two-level) or per tensor (nvfp4)
     return (vb * s).reshape(r, t, -1)[..., :channels]
 
 

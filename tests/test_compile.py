@@ -19,7 +19,7 @@ from dmq.nn.timestep import attach_timestep_state
 from dmq.pipelines.quantize import LayerPlan, build_layer
 from tiny_pipelines import build_pipeline, denoiser_inputs, get_denoiser
 
-PRESETS = ["w8a8", "w4a4", "w4a16", "fp8", "svdquant-w4a4", "svdquant-nvfp4", "w8a8-static"]
+PRESETS = ["w8a8", "w4a4", "w4a16", "fp8", "svdquant-w4a4", "svdquant-nvfp4", "svdquant-w4a4-2l", "w8a8-static"]
 
 
 class CountingBackend:

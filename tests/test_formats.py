@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dmq.errors import ConfigError
-from dmq.formats import (QTYPES, QuantSpec, dequantize, fake_quantize, fp4_decode, fp4_encode, pack_nibbles,
+from dmq.formats import (QTYPES, SUB_MAX, QuantSpec, dequantize, fake_quantize, fp4_decode, fp4_encode, pack_nibbles,
                          padded_channels, quantize, storage_nbytes, unpack_int4, unpack_nibbles)
 
 
@@ -44,7 +44,7 @@ WEIGHT_SPECS = [
     QuantSpec("int4", "channel"), QuantSpec("int4", "group", 64), QuantSpec("int4", "group", 256),
     QuantSpec("int4", "group", 32, symmetric=False), QuantSpec("int8", "channel", symmetric=False),
     QuantSpec("fp8_e4m3", "channel"), QuantSpec("fp8_e4m3", "tensor"), QuantSpec("fp4_e2m1", "group", 32),
-    QuantSpec("nvfp4", "group", 16),
+    QuantSpec("nvfp4", "group", 16), QuantSpec("int4", "group", 64, two_level=True),
 ]
 
 
@@ -72,7 +72,12 @@ def test_quantize_dequantize_error_bound(spec, shape):
         amax = x3.abs().amax(dim=(1, 2), keepdim=True).expand_as(x3)
     else:
         amax = x3.abs().amax().expand_as(x3)
-    if not qt.is_float:
+    if spec.two_level:
+        # sub = round(s_g / scale2) may undershoot the group's ideal scale by half a unit of scale2 (a little
+        # clipping, ≤ 3.5 · scale2) or overshoot it by as much (a coarser step): err ≤ amax_g / 14 + 3.5 · scale2
+        scale2 = x3.abs().amax(dim=(1, 2), keepdim=True) / qt.qmax / SUB_MAX
+        assert (err <= (amax / 14 + 3.5 * scale2) * 1.01 + 1e-7).all()
+    elif not qt.is_float:
         step = amax / qt.qmax * (1 if spec.symmetric else 2)
         assert (err <= step * 0.5 * 1.01 + 1e-7).all()
     elif spec.dtype == "fp8_e4m3":
@@ -132,6 +137,23 @@ def test_activation_per_token_and_group():
     assert torch.equal(y, ref)
 
 
+def test_two_level_codes_fit_int8_and_stay_close_to_float_groups():
+    """Two-level int4: sub-scales in [1, SUB_MAX] and |code · sub| ≤ 120, so an int8 GEMM takes the products; on
+    data with outlier channels its error stays within 10% of float g64 scales (and far below per-channel int4)."""
+    g = torch.Generator().manual_seed(0)
+    x3 = torch.randn(64, 1, 1024, generator=g)
+    x3[..., torch.randperm(1024, generator=g)[:10]] *= 20
+    spec = QuantSpec("int4", "group", 64, two_level=True)
+    q = quantize(x3, spec)
+    assert q.scales.dtype == torch.uint8 and q.scales.shape == (64, 16) and q.scale2.shape == (64,)
+    assert q.scales.min() >= 1 and q.scales.max() == SUB_MAX
+    codes = unpack_int4(q.codes.reshape(64, -1)).int()
+    assert (codes * q.scales.int().repeat_interleave(64, dim=1)).abs().max() <= 120
+    mse = {name: (dequantize(quantize(x3, sp), sp, 1024) - x3).pow(2).mean().item() for name, sp in
+           (("2l", spec), ("g64", QuantSpec("int4", "group", 64)), ("ch", QuantSpec("int4", "channel")))}
+    assert mse["2l"] <= 1.1 * mse["g64"] and mse["2l"] < 0.5 * mse["ch"]
+
+
 def test_static_scale_is_used():
     spec = QuantSpec("int8", "tensor", dynamic=False)
     x = torch.linspace(-2, 2, 100).reshape(1, 100)
@@ -149,6 +171,8 @@ def test_static_scale_is_used():
     (dict(dtype="fp8_e4m3", granularity="channel", symmetric=False), "only symmetric"),
     (dict(dtype="nvfp4", granularity="group", group_size=32), "nvfp4"),
     (dict(dtype="int8", granularity="token", dynamic=False), "static"),
+    (dict(dtype="int8", granularity="group", group_size=64, two_level=True), "two_level"),
+    (dict(dtype="int4", granularity="channel", two_level=True), "two_level"),
 ])
 def test_bad_specs_raise(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):

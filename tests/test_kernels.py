@@ -15,7 +15,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from dmq.formats import QuantSpec, fake_quantize, pack_nibbles, quantize  # noqa: E402
+from dmq.formats import QuantSpec, fake_quantize, pack_nibbles, quantize, unpack_int4  # noqa: E402
 from dmq.kernels import linear as klinear  # noqa: E402
 from dmq.kernels import ops  # noqa: E402
 from dmq.kernels.dispatch import find_kernel  # noqa: E402
@@ -73,6 +73,8 @@ QA_CASES = [  # qdtype, group, pack, smooth, rank
     ("int8", 128, False, False, 16),
     ("int4", 16, True, False, 0),
     ("fp8_e4m3", 0, False, False, 0),
+    ("int4_2l", 64, False, True, 32),
+    ("int4_2l", 128, False, False, 0),
 ]
 
 
@@ -103,6 +105,19 @@ def test_quantize_act_codes_equal_formats_quantize(qdtype, group):
     q = quantize(x.float().reshape(37, 1, 100), spec)
     view = (lambda t: t.view(torch.uint8)) if qdtype == "fp8_e4m3" else (lambda t: t)
     assert torch.equal(view(codes), view(q.codes.reshape(37, -1))) and torch.equal(scales, q.scales)
+
+
+def test_two_level_act_codes_are_formats_codes_times_sub_scales():
+    """int4_2l delivers dmq.formats' two-level codes multiplied by their integer sub-scales (exact int8) and the
+    per-token second-level scale: the GEMM then sees a per-token int8 operand."""
+    x = _x(37, 200)
+    prods, scales, _ = rq.quantize_act(x, None, None, "int4_2l", 64, False)
+    q = quantize(x.float().reshape(37, 1, 200), QuantSpec("int4", "group", 64, two_level=True))
+    codes = unpack_int4(q.codes.reshape(37, -1)).int()
+    assert prods.dtype == torch.int8 and prods.shape == (37, 256)
+    assert torch.equal(prods.int(), codes * q.scales.int().repeat_interleave(64, dim=1))
+    assert torch.equal(scales, q.scale2) and scales.dtype == torch.float32
+    assert prods.int().abs().max() <= 120
 
 
 def test_quantize_act_bf16_codes_exact():
@@ -207,6 +222,19 @@ WO_SPECS = [QuantSpec("int4", "group", 64), QuantSpec("int4", "channel"), QuantS
             QuantSpec("int8", "group", 128), QuantSpec("nvfp4", "group", 16)]
 
 
+@pytest.mark.parametrize("group", (64, 128))
+def test_two_level_weight_expands_to_exact_int8_products(group):
+    spec = QuantSpec("int4", "group", group, two_level=True)
+    w, s, fmt, g, q = _weights(37, 200, spec)
+    got = two.dequantize_weight(w, s, fmt, g, 256, torch.int8)
+    assert torch.equal(got, rwo.dequantize_weight(w, s, fmt, g, 256, torch.int8))
+    expect = unpack_int4(q.codes.reshape(37, -1)).int() * s.int().repeat_interleave(group, dim=1)
+    assert torch.equal(got.int(), expect)
+    for f in (two.dequantize_weight, rwo.dequantize_weight):   # the per-channel scale2 is the GEMM's, not here
+        with pytest.raises(ValueError, match="two-level"):
+            f(w, s, fmt, g, 256, torch.float16)
+
+
 @pytest.mark.parametrize("spec", WO_SPECS, ids=lambda s: s.describe())
 def test_dequantize_weight_exact(spec):
     w, s, fmt, g, _ = _weights(37, 200, spec)
@@ -224,7 +252,7 @@ def test_weight_only_gemv_matches_reference(m, spec):
     w, s, fmt, g, q = _weights(n, k, spec, seed=m)
     x = _x(m, k, seed=m)
     if fmt == "fp4":                                  # the per-tensor scale is not applied: keep y in fp16 range
-        x = (x.float() * q.global_scale).half()
+        x = (x.float() * q.scale2).half()
     bias = torch.randn(n).half()
     _close(two.weight_only_linear(x, w, s, fmt, g, bias), rwo.weight_only_linear(x, w, s, fmt, g, bias))
 
@@ -249,7 +277,7 @@ def test_nvfp4_quantize_exact(m):
     got, ref = tnv.nvfp4_quantize(x, smooth, amax), rnv.nvfp4_quantize(x, smooth, amax)
     q = quantize((x.float() / smooth.float()).reshape(m, 1, k), QuantSpec("nvfp4", "group", 16))
     assert torch.equal(ref[0], q.codes.reshape(m, -1))          # the reference is dmq.formats' recipe
-    assert torch.equal(ref[1].view(torch.uint8), q.scales.view(torch.uint8)) and torch.equal(ref[2], q.global_scale)
+    assert torch.equal(ref[1].view(torch.uint8), q.scales.view(torch.uint8)) and torch.equal(ref[2], q.scale2)
     assert torch.equal(got[0], ref[0])
     assert torch.equal(got[1].view(torch.uint8), ref[1].view(torch.uint8))
     assert torch.equal(got[2], ref[2])
@@ -262,7 +290,7 @@ def test_nvfp4_linear_matches_reference():
     smooth = (torch.rand(k) + 0.5).half()
     pd, pu = (torch.randn(k, r) / 8).half(), (torch.randn(r, n) / 8).half()
     bias = torch.randn(n).half()
-    args = (x, smooth, pd, pu, w, s, q.global_scale, bias)
+    args = (x, smooth, pd, pu, w, s, q.scale2, bias)
     _close(tnv.nvfp4_linear(*args), rnv.nvfp4_linear(*args), tol=5e-3)
 
 
@@ -342,8 +370,9 @@ def _triton_ops():
     def quantized_linear(x, smooth, pd, pu, w, s, fmt, wg, bias, adt, ag, out_dtype=None):
         codes, sc, lr = tq.quantize_act(x, smooth, pd, adt, ag, False)
         has_lr = pd is not None
-        return tgemm.gemm_int(codes, sc, w, s, fmt, ag, wg, lr if has_lr else None, pu if has_lr else None, bias,
-                              out_dtype or x.dtype)
+        gemm_group = 0 if adt == rq.TWO_LEVEL else ag      # as ops.quantized_linear
+        return tgemm.gemm_int(codes, sc, w, s, fmt, gemm_group, wg, lr if has_lr else None, pu if has_lr else None,
+                              bias, out_dtype or x.dtype)
 
     return types.SimpleNamespace(quantize_act=tq.quantize_act, gemm_int=tgemm.gemm_int,
                                  dequantize_weight=two.dequantize_weight, weight_only_linear=weight_only,
@@ -358,6 +387,8 @@ LAYER_SPECS = {  # preset-like (weight, activation) pairs
     "w4a4-channel": (QuantSpec("int4", "channel"), QuantSpec("int4", "token")),
     "w4a16": (QuantSpec("int4", "group", 64), None),
     "nvfp4": (QuantSpec("nvfp4", "group", 16), QuantSpec("nvfp4", "group", 16)),
+    "w4a4-2l": (QuantSpec("int4", "group", 64, two_level=True), QuantSpec("int4", "group", 64, two_level=True)),
+    "w4a8-2l": (QuantSpec("int4", "group", 128, two_level=True), QuantSpec("int8", "token")),
 }
 
 
@@ -401,7 +432,7 @@ def test_svdquant_forward_matches_formula(monkeypatch):
 
 
 @pytest.mark.parametrize("rank", [0, 16, 64])
-@pytest.mark.parametrize("preset", ["w4a4", "w4a4-channel", "w4a8"])
+@pytest.mark.parametrize("preset", ["w4a4", "w4a4-channel", "w4a8", "w4a4-2l"])
 def test_svdquant_layer_kernel_path_matches_its_reference(rank, preset, monkeypatch):
     """dmq.nn.svdquant.SVDQuantLinear through the fused kernels (registered on import) vs its reference forward."""
     svdquant = pytest.importorskip("dmq.nn.svdquant")
@@ -418,13 +449,19 @@ def test_svdquant_layer_kernel_path_matches_its_reference(rank, preset, monkeypa
     _close(klinear.svdquant_forward(layer, x), layer.reference_forward(x), tol=2e-2)
 
 
-@pytest.mark.parametrize("acts", [QuantSpec("int8", "token"), QuantSpec("int4", "group", 64), None],
-                         ids=["int8-token", "int4-g64", "weight-only"])
-def test_quant_conv_kernel_path_matches_layer_reference(acts, monkeypatch):
+_TWO_LEVEL = QuantSpec("int4", "group", 64, two_level=True)
+
+
+@pytest.mark.parametrize("weights,acts", [(QuantSpec("int4", "group", 64), QuantSpec("int8", "token")),
+                                          (QuantSpec("int4", "group", 64), QuantSpec("int4", "group", 64)),
+                                          (QuantSpec("int4", "group", 64), None),
+                                          (_TWO_LEVEL, _TWO_LEVEL)],
+                         ids=["int8-token", "int4-g64", "weight-only", "two-level"])
+def test_quant_conv_kernel_path_matches_layer_reference(weights, acts, monkeypatch):
     monkeypatch.setattr(klinear, "ops", _triton_ops())
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(64, 24, 3, stride=2, padding=1).half()
-    layer = QuantConv2d.from_module(conv, QuantSpec("int4", "group", 64), acts)
+    layer = QuantConv2d.from_module(conv, weights, acts)
     x = torch.randn(1, 64, 9, 7).half()
     assert klinear.supported.__name__ and klinear._path(layer) is not None
     y = klinear.conv_forward(layer, x)

@@ -99,8 +99,9 @@ def test_svdquant_conv_matches_its_float_conv_at_full_rank():
     assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.state_dict().values())
 
 
-def test_svdquant_preset_runs_data_free_and_round_trips(tmp_path):
-    pipe = dmq.quantize_pipeline(build_pipeline("dit"), "svdquant-w4a4", progress=False)
+@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-w4a4-2l"])
+def test_svdquant_preset_runs_data_free_and_round_trips(tmp_path, preset):
+    pipe = dmq.quantize_pipeline(build_pipeline("dit"), preset, progress=False)
     assert any("data-free" in n for n in pipe.dmq_report.notes)
     layers = [m for m in pipe.transformer.modules() if isinstance(m, SVDQuantLinear)]
     assert layers and all(m.rank == 32 and m.smooth is None for m in layers)
@@ -116,7 +117,7 @@ def test_smoothquant_preset_needs_calibration():
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "pixart", "sd3", "flux", "dit", "ddpm"])
-@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-nvfp4"])
+@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-nvfp4", "svdquant-w4a4-2l"])
 def test_svdquant_presets_run_on_every_family(family, preset):
     pipe = dmq.quantize_pipeline(build_pipeline(family), preset, progress=False)
     model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer

@@ -10,6 +10,8 @@ Supported (dynamic, symmetric activations; symmetric weights):
 
 - int8 / int4 activations per token or in groups of a multiple of 64 × int8 / int4 weights per channel or in
   groups of a multiple of 64: :func:`dmq.kernels.ops.quantized_linear` (w8a8, w4a8, w4a4, smoothquant/svdquant).
+  Two-level int4 groups (:attr:`dmq.formats.QuantSpec.two_level`) on either side become int8 ``code · sub`` with
+  per-token / per-channel scales, so they run on the per-row-scaled int8 GEMM (TMA on Hopper).
 - weight-only int4 / int8 (w4a16, modulation linears): GEMV for M ≤ 16, dequantize + cuBLAS above.
 - fp8 e4m3 per token × fp8 per channel (K, N multiples of 16): ``torch._scaled_mm``.
 - nvfp4 × nvfp4: exact bf16 dequantization + cuBLAS (see :mod:`dmq.kernels.triton.nvfp4`).
@@ -32,6 +34,7 @@ from dmq.kernels import ops
 from dmq.kernels._common import HAS_TRITON
 from dmq.kernels.dispatch import register_kernel
 from dmq.kernels.layouts import int4_to_blocked
+from dmq.kernels.reference.quant_act import TWO_LEVEL
 from dmq.nn.conv import QuantConv2d
 from dmq.nn.linear import QuantLinear
 
@@ -62,6 +65,14 @@ def _group(spec) -> int:
     return spec.group_size if spec.granularity == "group" else 0
 
 
+def _act_args(spec) -> tuple[str, int, int]:
+    """(quantize_act dtype, its group size, the GEMM's activation group): two-level groups reach the GEMM as int8
+    ``code · sub`` with one scale per token."""
+    if spec.two_level:
+        return TWO_LEVEL, spec.group_size, 0
+    return spec.dtype, _group(spec), _group(spec)
+
+
 def _int_ok(spec, weight: bool) -> bool:
     if spec.dtype not in ("int4", "int8") or not spec.symmetric:
         return False
@@ -76,8 +87,8 @@ def _path(layer) -> str | None:
     ws, acts = layer.weight_spec, layer.act_spec
     if getattr(layer, "wzeros", None) is not None:
         return None
-    if acts is None:
-        return "weight_only" if _int_ok(ws, weight=True) else None
+    if acts is None:   # (two-level weights keep their per-channel scale for an int8 GEMM: reference here)
+        return "weight_only" if _int_ok(ws, weight=True) and not ws.two_level else None
     if ws.dtype == "nvfp4" and acts.dtype == "nvfp4" and acts.dynamic:
         return "nvfp4"
     if ws.dtype == "fp8_e4m3" and acts.dtype == "fp8_e4m3":
@@ -138,7 +149,7 @@ def prepare(layer) -> dict[str, Any]:
     if wg and scales.shape[1] * wg < k_a:        # activation padding reaches past the weight's last group
         scales = F.pad(scales, (0, -(-k_a // wg) - scales.shape[1]))
     cache = {"key": key, "w": w.contiguous(), "w_format": fmt, "w_group": wg, "w_scales": scales.contiguous(),
-             "k_act": k_a}
+             "w_scale2": layer.wscale2 if ws.two_level else None, "k_act": k_a}
     layer.__dict__[_CACHE_ATTR] = cache
     return cache
 
@@ -154,13 +165,19 @@ def prepare_model(model: torch.nn.Module) -> int:
     return count
 
 
-def _int_weight(prep: dict[str, Any], act_group: int) -> tuple[torch.Tensor, str]:
+def _int_weight(prep: dict[str, Any], act_group: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
+    """The GEMM's weight operand: ``(w, w_format, w_scales, w_group)``. Two-level int4 is expanded to int8
+    ``code · sub`` per call (the weight stays resident as 4-bit) and scaled per channel in the epilogue."""
+    if prep["w_scale2"] is not None:
+        w8 = ops.dequantize_weight(prep["w"], prep["w_scales"], "int4b", prep["w_group"], prep["k_act"],
+                                   torch.int8)
+        return w8, "int8", prep["w_scale2"], 0
     mode = INT4_GEMM if INT4_GEMM != "auto" else ("unpack" if not (act_group or prep["w_group"]) else "int4b")
     if prep["w_format"] == "int4b" and mode == "unpack":
         w8 = ops.dequantize_weight(prep["w"], prep["w_scales"], "int4b", prep["w_group"], prep["k_act"],
                                    torch.int8)
-        return w8, "int8"
-    return prep["w"], prep["w_format"]
+        return w8, "int8", prep["w_scales"], prep["w_group"]
+    return prep["w"], prep["w_format"], prep["w_scales"], prep["w_group"]
 
 
 # -- linear ----------------------------------------------------------------------------------------------------------
@@ -174,9 +191,10 @@ def linear_forward(layer, x: torch.Tensor, smooth=None, proj_down=None, proj_up=
         x2 = x2.contiguous()
     n = layer.out_features
     if path == "int":
-        w, fmt = _int_weight(prep, _group(layer.act_spec))
-        y = ops.quantized_linear(x2, smooth, proj_down, proj_up, w, prep["w_scales"], fmt, prep["w_group"],
-                                 layer.bias, layer.act_spec.dtype, _group(layer.act_spec))
+        act_dtype, act_group, gemm_group = _act_args(layer.act_spec)
+        w, fmt, w_scales, w_group = _int_weight(prep, gemm_group)
+        y = ops.quantized_linear(x2, smooth, proj_down, proj_up, w, w_scales, fmt, w_group, layer.bias, act_dtype,
+                                 act_group)
     elif path == "weight_only":
         y = ops.weight_only_linear(x2, prep["w"], prep["w_scales"], prep["w_format"], prep["w_group"], layer.bias)
     elif path == "fp8":
@@ -222,18 +240,16 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
         wd = wd.reshape(cout, kh, kw, -1)[..., :cin].permute(0, 3, 1, 2)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         return F.conv2d(x, wd, bias, layer.stride, layer.padding, layer.dilation)
-    acts = layer.act_spec
-    ag = _group(acts)
+    act_dtype, act_group, ag = _act_args(layer.act_spec)
     b, _, h, w = x.shape
     pix = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)
-    codes, scales, _ = ops.quantize_act(pix.contiguous(), None, None, acts.dtype, ag, False)
+    codes, scales, _ = ops.quantize_act(pix.contiguous(), None, None, act_dtype, act_group, False)
     cp = codes.shape[1]
     a, ho, wo = _im2col(codes.reshape(b, h, w, cp), kh, kw, layer.stride, layer.padding, layer.dilation)
     sc = scales.reshape(b, h, w, -1)
     a_scales, _, _ = _im2col(sc, kh, kw, layer.stride, layer.padding, layer.dilation)
-    w_, fmt = _int_weight(prep, ag or cp)
-    y = ops.gemm_int(a, a_scales, w_, prep["w_scales"], fmt, ag or cp, prep["w_group"], None, None, layer.bias,
-                     x.dtype)
+    w_, fmt, w_scales, w_group = _int_weight(prep, ag or cp)
+    y = ops.gemm_int(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, None, None, layer.bias, x.dtype)
     return y.reshape(b, ho, wo, cout).permute(0, 3, 1, 2)
 
 

@@ -66,7 +66,7 @@ def _(x, smooth, proj_down, qdtype, group_size, pack):
         codes = x.new_empty((m, kp // 2), dtype=torch.uint8)
     else:
         codes = x.new_empty((m, kp), dtype=torch.int8)
-    scales = x.new_empty((m, kp // group_size), dtype=torch.float16) if group_size else \
+    scales = x.new_empty((m, kp // group_size), dtype=torch.float16) if group_size and not spec.two_level else \
         x.new_empty((m,), dtype=torch.float32)
     r = proj_down.shape[1] if proj_down is not None else 0
     return codes, scales, x.new_empty((m, r))
@@ -203,15 +203,16 @@ def quantized_linear(x: Tensor, smooth: Optional[Tensor], proj_down: Optional[Te
     """``y = Q(x/smooth) · Q(W)ᵀ + (x/smooth) · proj_down · proj_up + bias`` as two kernels: activation
     quantization with the down-projection, then the integer GEMM with up-projection and bias in its epilogue.
     x: ``(..., K)`` 16-bit; w in ``w_format`` (``"int4b"``: :func:`dmq.kernels.layouts.int4_to_blocked`, or
-    ``"int8"``); act_dtype ``"int4"`` / ``"int8"``; act_group / w_group: 0 (per token / per channel) or a multiple
-    of 64."""
+    ``"int8"``); act_dtype ``"int4"`` / ``"int8"`` / ``"int4_2l"`` (two-level int4 groups of act_group, multiplied out
+    to int8 and scaled per token); act_group / w_group: 0 (per token / per channel) or a multiple of 64."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     codes, scales, lowrank = quantize_act(x2, smooth, proj_down, act_dtype, act_group, False)
     has_lr = proj_down is not None and proj_down.shape[1] > 0
-    y = gemm_int(codes, scales, w, w_scales, w_format, act_group, w_group, lowrank if has_lr else None,
+    gemm_group = 0 if act_dtype == _ref_quant.TWO_LEVEL else act_group   # two-level: int8 products, per token
+    y = gemm_int(codes, scales, w, w_scales, w_format, gemm_group, w_group, lowrank if has_lr else None,
                  proj_up if has_lr else None, bias, out_dtype or x.dtype)
     return y.reshape(*lead, w.shape[0])
 

@@ -101,7 +101,7 @@ class QuantGemm(QuantModule):
         n = w3.shape[0]
         self.register_buffer("qweight", q.codes.reshape(n, -1).contiguous())
         self.register_buffer("wscales", q.scales.contiguous())
-        for key, val in (("wzeros", q.zeros), ("wscale2", q.global_scale)):
+        for key, val in (("wzeros", q.zeros), ("wscale2", q.scale2)):
             if val is not None:
                 self.register_buffer(key, val.contiguous())
             else:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from dmq.formats import QuantSpec, pack_nibbles, padded_channels
+from dmq.formats import QuantSpec, pack_nibbles, padded_channels, quantize, unpack_int4
 
-__all__ = ["quantize_act", "act_spec"]
+__all__ = ["quantize_act", "act_spec", "TWO_LEVEL"]
 
-_ACT_DTYPES = ("int4", "int8", "fp8_e4m3")
+TWO_LEVEL = "int4_2l"   # two-level int4 groups (see QuantSpec.two_level), delivered as int8 code · sub-scale
+_ACT_DTYPES = ("int4", "int8", "fp8_e4m3", TWO_LEVEL)
 
 
 def act_spec(qdtype: str, group_size: int) -> QuantSpec:
@@ -16,6 +17,10 @@ def act_spec(qdtype: str, group_size: int) -> QuantSpec:
         raise ValueError(f"activation dtype must be one of {_ACT_DTYPES}, got {qdtype!r}")
     if group_size and qdtype == "fp8_e4m3":
         raise ValueError("fp8 activations are quantized per token (group_size=0)")
+    if qdtype == TWO_LEVEL:
+        if not group_size:
+            raise ValueError(f"{TWO_LEVEL} activations need a group size")
+        return QuantSpec("int4", "group", group_size, two_level=True)
     return QuantSpec(qdtype, "group", group_size) if group_size else QuantSpec(qdtype, "token")
 
 
@@ -24,8 +29,10 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     """Quantize the rows of ``x / smooth`` and project them onto ``proj_down``.
 
     x: ``(M, K)`` 16-bit. smooth: ``(K,)`` or None (activations are divided by it, in fp32). proj_down: ``(K, R)``
-    16-bit or None. qdtype: ``"int4"``, ``"int8"`` or ``"fp8_e4m3"``; group_size: 0 for one scale per token, else the
-    group size along K. pack: int4 only, two codes per byte as :func:`dmq.formats.pack_nibbles`.
+    16-bit or None. qdtype: ``"int4"``, ``"int8"``, ``"fp8_e4m3"`` or ``"int4_2l"`` (two-level int4 groups,
+    returned as int8 ``code · sub-scale`` with the fp32 per-token ``scale2`` as scales, ready for a per-token int8
+    GEMM); group_size: 0 for one scale per token, else the group size along K. pack: int4 only, two codes per byte
+    as :func:`dmq.formats.pack_nibbles`.
 
     Returns ``codes`` (int8 ``(M, Kp)``, uint8 ``(M, Kp/2)`` when packed, float8 ``(M, K)`` for fp8), ``scales``
     (fp32 ``(M,)`` per token, fp16 ``(M, Kp/g)`` per group) and ``lowrank`` ``(M, R)`` in x's dtype
@@ -46,6 +53,11 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     if smooth is not None:
         xs = xs / smooth.to(torch.float32)
     kp = padded_channels(spec, k)
+    if spec.two_level:
+        q = quantize(xs.reshape(m, 1, k), spec)
+        products = unpack_int4(q.codes.reshape(m, -1)).to(torch.int16) * q.scales.to(torch.int16).repeat_interleave(
+            group_size, dim=1)
+        return products.to(torch.int8).contiguous(), q.scale2.contiguous(), _lowrank(x, xs, proj_down)
     xb = torch.nn.functional.pad(xs, (0, kp - k)).reshape(m, kp // group_size if group_size else 1, -1)
     amax = xb.abs().amax(dim=-1, keepdim=True)
     s = amax / torch.full_like(amax, qt.qmax)          # a tensor divisor: IEEE division on every device
@@ -59,8 +71,11 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
         if pack:
             codes = pack_nibbles(codes)
     scales = s.reshape(m, -1).to(torch.float16) if group_size else s.reshape(m)
-    if proj_down is not None:
-        lowrank = (xs.to(proj_down.dtype).to(torch.float32) @ proj_down.to(torch.float32)).to(x.dtype)
-    else:
-        lowrank = x.new_empty((m, 0))
-    return codes.contiguous(), scales.contiguous(), lowrank
+    return codes.contiguous(), scales.contiguous(), _lowrank(x, xs, proj_down)
+
+
+def _lowrank(x: torch.Tensor, xs: torch.Tensor, proj_down: torch.Tensor | None) -> torch.Tensor:
+    """``xs (M, K)`` fp32 rounded to proj_down's dtype, times ``proj_down (K, R)`` in fp32 → x's dtype."""
+    if proj_down is None:
+        return x.new_empty((x.shape[0], 0))
+    return (xs.to(proj_down.dtype).to(torch.float32) @ proj_down.to(torch.float32)).to(x.dtype)

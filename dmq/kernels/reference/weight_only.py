@@ -35,12 +35,18 @@ def _values(w: torch.Tensor, w_scales: torch.Tensor, w_format: str, w_group: int
 def dequantize_weight(w: torch.Tensor, w_scales: torch.Tensor, w_format: str, w_group: int, k: int,
                       out_dtype: torch.dtype) -> torch.Tensor:
     """``(N, k)`` weight in ``out_dtype``: ``code · scale`` rounded once (fp32 product), or the bare int8 codes when
-    ``out_dtype`` is ``torch.int8`` (int formats only).
+    ``out_dtype`` is ``torch.int8`` (int formats only), or int8 ``code · sub`` for two-level int4 (uint8 integer
+    group sub-scales, see :attr:`dmq.formats.QuantSpec.two_level`; out_dtype must then be int8).
 
     w_format: ``"int4b"`` (blocked int4, see :mod:`dmq.kernels.layouts`), ``"int8"`` or ``"fp4"`` (nvfp4 codes as
     stored, pairs per byte, with fp8 e4m3 group-16 scales; the fp32 per-tensor scale is *not* applied: codes times
     group scales are exact in bf16 and fp16). w_scales: ``(N,)`` when ``w_group == 0``, else ``(N, ≥ k / w_group)``.
     """
+    if w_scales.dtype == torch.uint8 and w_format != "fp4":   # two-level int4: integer sub-scales
+        if out_dtype != torch.int8 or w_format != "int4b" or not w_group:
+            raise ValueError("integer (two-level) group sub-scales dequantize int4b weights to int8 code · sub only "
+                             "(the per-channel second-level scale belongs to the GEMM)")
+        return _values(w, w_scales, w_format, w_group, k, scaled=True).to(torch.int8)
     if out_dtype == torch.int8:
         if w_format == "fp4":
             raise ValueError("fp4 codes have no int8 form")

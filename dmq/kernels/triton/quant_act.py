@@ -2,7 +2,8 @@
 down-projection ``(x / smooth) · proj_down`` is one cuBLAS GEMM ``x · (proj_down / smooth)``.
 
 Per token, one program owns 16 whole rows and makes two passes over them (row maxima, then codes; the second read
-mostly hits L2), one launch. Per group, the grid is 2-D, (row blocks) × (K chunks), so
+mostly hits L2), one launch; two-level int4 groups go through it too (their second-level scale is per token). Per
+group, the grid is 2-D, (row blocks) × (K chunks), so
 that a few thousand tokens still fill the GPU. An in-kernel down-projection (a 16-row MMA per K step) cost 3-5x the
 quantization itself on the H100 (issue 7 measurements), hence cuBLAS. Reference:
 :mod:`dmq.kernels.reference.quant_act`.
@@ -14,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.formats import padded_channels
+from dmq.formats import SUB_MAX, padded_channels
 from dmq.kernels._common import FLOAT16, check, encode_e4m3, fixed_config, next_pow2, rint_small
-from dmq.kernels.reference.quant_act import act_spec
+from dmq.kernels.reference.quant_act import TWO_LEVEL, act_spec
 
 __all__ = ["quantize_act"]
 
@@ -26,6 +27,7 @@ _TARGET_PROGRAMS = 1024  # enough programs for 132 SMs several times over
 # for whole rows held in registers and 103 us for the earlier split-K two-launch version)
 _TOKEN_BM = 16
 _TOKEN_BK = 512
+SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when it is a constexpr
 
 
 @triton.jit
@@ -63,6 +65,21 @@ def _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8: tl.constexp
         tl.store(c_ptr + rm[:, None] * stride_cm + rk[None, :], out, mask=(rm[:, None] < M) & (rk[None, :] < KP))
 
 
+@triton.jit
+def _store_two_level(xs, s2_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX: tl.constexpr, SUB: tl.constexpr,
+                     GROUP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Two-level int4 (see dmq.formats.QuantSpec.two_level) of a (BM, BK) tile, BK a multiple of GROUP, given the
+    rows' second-level scales: sub-scales per group, then int8 ``code · sub``."""
+    xg = tl.reshape(xs, (BM, BK // GROUP, GROUP))
+    s_g = tl.math.div_rn(tl.max(tl.abs(xg), axis=2), QMAX)
+    sub = tl.minimum(tl.maximum(rint_small(tl.math.div_rn(s_g, s2_div[:, None])), 1.0), SUB)
+    y = tl.math.div_rn(xg, (sub * s2_div[:, None])[:, :, None])
+    q = rint_small(tl.minimum(tl.maximum(y, -QMAX - 1.0), QMAX)).to(tl.int32)
+    out = tl.reshape(q * sub.to(tl.int32)[:, :, None], (BM, BK))
+    rk = k0 + tl.arange(0, BK)
+    tl.store(c_ptr + rm[:, None] * stride_cm + rk[None, :], out.to(tl.int8), mask=(rm[:, None] < M) & (rk[None, :] < KP))
+
+
 @triton.jit(do_not_specialize=["M"])
 def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_cm, stride_sm,
                   HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
@@ -83,20 +100,26 @@ def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_
 @triton.jit(do_not_specialize=["M"])
 def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, stride_xm, stride_cm,
                   HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                  BM: tl.constexpr, BK: tl.constexpr):
+                  TWO_LEVEL_GROUP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """Per-token scale = amax / qmax (fp32) and codes of BM whole rows: a max pass, then a quantization pass (its
-    re-read of x mostly hits L2)."""
+    re-read of x mostly hits L2). TWO_LEVEL_GROUP > 0: two-level int4 in groups of that size, the per-token scale
+    being scale2 = amax / qmax / SUB_MAX (the largest group scale over SUB_MAX)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     amax = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, KP, BK):
         xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
         amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
     s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
+    if TWO_LEVEL_GROUP:
+        s = tl.math.div_rn(s, tl.zeros_like(s) + SUB_MAX_C)
     tl.store(s_ptr + rm, s, mask=rm < M)
     s_div = tl.where(s > 0, s, 1.0)
     for k0 in range(0, KP, BK):
         xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
-        _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
+        if TWO_LEVEL_GROUP:
+            _store_two_level(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BK)
+        else:
+            _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
 
 
 def _split(m: int, kp: int, step: int, bm: int) -> tuple[int, int]:
@@ -116,6 +139,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     (codes and scales bit-exact; lowrank within 16-bit rounding: the smoothing is folded into proj_down, see
     :func:`_lowrank`)."""
     spec = act_spec(qdtype, group_size)
+    two_level = qdtype == TWO_LEVEL
     check(x.dim() == 2, f"x must be (M, K), got {tuple(x.shape)}")
     check(x.dtype in FLOAT16, f"x must be float16 or bfloat16, got {x.dtype}")
     check(x.stride(-1) == 1, "x must be contiguous along K")
@@ -140,7 +164,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
         codes = torch.empty((m, kp // 2), dtype=torch.uint8, device=dev)
     else:
         codes = torch.empty((m, kp), dtype=torch.int8, device=dev)
-    if group_size:
+    if group_size and not two_level:
         scales = torch.empty((m, kp // group_size), dtype=torch.float16, device=dev)
     else:
         scales = torch.empty((m,), dtype=torch.float32, device=dev)
@@ -149,7 +173,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
         return codes.view(torch.float8_e4m3fn) if qdtype == "fp8_e4m3" else codes, scales, lowrank
     qmax = float(spec.qtype.qmax)
     sm_arg = smooth if smooth is not None else x
-    if group_size:
+    if group_size and not two_level:
         bm = _BM if m > 16 else 16
         nsplit, kch = _split(m, kp, group_size, bm)
         _group_kernel[(triton.cdiv(m, bm), nsplit)](x, sm_arg, codes, scales, m, k, kp, kch, x.stride(0),
@@ -157,10 +181,13 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
                                                     QMAX=qmax, PACK=bool(pack), GROUP=int(group_size), BM=bm,
                                                     num_warps=4)
     else:
-        bk = min(_TOKEN_BK, max(next_pow2(kp), 16)) if not fixed_config() else 64
+        # two-level: kp is a multiple of the group size, and so is bk (both powers of two, bk ≥ group)
+        bk = min(_TOKEN_BK, max(next_pow2(kp), 16, group_size)) if not fixed_config() else max(64, group_size)
         _token_kernel[(triton.cdiv(m, _TOKEN_BM),)](x, sm_arg, codes, scales, m, k, kp, x.stride(0), codes.stride(0),
                                                     HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3",
-                                                    QMAX=qmax, PACK=bool(pack), BM=_TOKEN_BM, BK=bk, num_warps=8)
+                                                    QMAX=qmax, PACK=bool(pack),
+                                                    TWO_LEVEL_GROUP=int(group_size) if two_level else 0,
+                                                    BM=_TOKEN_BM, BK=bk, num_warps=8)
     if qdtype == "fp8_e4m3":
         codes = codes.view(torch.float8_e4m3fn)
     return codes, scales, lowrank

@@ -143,7 +143,7 @@ _ELT_TUNED = triton.autotune(_ELT_CONFIGS, key=["N", "K", "W_GROUP", "HAS_BIAS"]
 
 @triton.jit
 def _dequant_kernel(w_ptr, ws_ptr, o_ptr, N, K, KW, GW, NG, stride_wn, stride_wsn, stride_on,
-                    FMT: tl.constexpr, W_GROUP: tl.constexpr, SCALED: tl.constexpr,
+                    FMT: tl.constexpr, W_GROUP: tl.constexpr, SCALED: tl.constexpr, INT_SUB: tl.constexpr,
                     BN: tl.constexpr, BKH: tl.constexpr):
     pid_n = tl.program_id(0)
     k0 = tl.program_id(1) * 2 * BKH
@@ -151,7 +151,10 @@ def _dequant_kernel(w_ptr, ws_ptr, o_ptr, N, K, KW, GW, NG, stride_wn, stride_ws
     rn = on % N
     rk = tl.arange(0, BKH)
     lo, hi, k_lo, k_hi = _load_halves(w_ptr, rn, k0, KW, stride_wn, rk, FMT, BKH)
-    if SCALED:
+    if INT_SUB:   # two-level int4: code · integer sub-scale, exact in fp32 and in int8
+        lo = lo * _group_scale(ws_ptr, rn, k_lo, stride_wsn, GW, NG, FMT)
+        hi = hi * _group_scale(ws_ptr, rn, k_hi, stride_wsn, GW, NG, FMT)
+    elif SCALED:
         if W_GROUP:
             lo = lo * _group_scale(ws_ptr, rn, k_lo, stride_wsn, GW, NG, FMT)
             hi = hi * _group_scale(ws_ptr, rn, k_hi, stride_wsn, GW, NG, FMT)
@@ -256,6 +259,9 @@ def dequantize_weight(w: torch.Tensor, w_scales: torch.Tensor, w_format: str, w_
     kw = _check_weight(w, w_scales, w_format, w_group, k)
     check(out_dtype in FLOAT16 + (torch.int8,), f"out_dtype must be 16-bit or int8, got {out_dtype}")
     check(out_dtype != torch.int8 or w_format != "fp4", "fp4 codes have no int8 form")
+    int_sub = w_scales.dtype == torch.uint8 and w_format != "fp4"   # fp4 scales may come as uint8 bits
+    check(not int_sub or (out_dtype == torch.int8 and w_format == "int4b" and w_group > 0),
+          "integer (two-level) group sub-scales dequantize int4b weights to int8 code · sub only")
     n = w.shape[0]
     out = torch.empty((n, k), dtype=out_dtype, device=w.device)
     if n == 0 or k == 0:
@@ -265,5 +271,5 @@ def dequantize_weight(w: torch.Tensor, w_scales: torch.Tensor, w_format: str, w_
     grid = (triton.cdiv(n, bn), triton.cdiv(k, 128))
     _dequant_kernel[grid](w, s, out, n, k, kw, max(w_group, 1), s.shape[1] if w_group else 1,
                           w.stride(0), s.stride(0), out.stride(0), FMT=_FMT[w_format], W_GROUP=w_group > 0,
-                          SCALED=out_dtype != torch.int8, BN=bn, BKH=64, num_warps=4)
+                          SCALED=out_dtype != torch.int8, INT_SUB=int_sub, BN=bn, BKH=64, num_warps=4)
     return out
