@@ -145,7 +145,10 @@ def _prepare(model: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, str
         from dmq.pipelines.roles import roles_for
 
         preset = variant[4:].removesuffix("-lora")
+        from dmq.kernels.linear import prepare_model
+
         quantize_model(model, get_preset(preset), roles_for(model), "denoiser", progress=False)
+        prepare_model(model)   # kernel weight layouts built eagerly, so a compiled graph only reads them
         note = f"dmq preset {preset}, data-free"
         if variant.endswith("-lora"):
             for i, lora in enumerate(_random_loras(model, (16, 16))):

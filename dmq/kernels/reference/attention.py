@@ -1,17 +1,19 @@
 """Reference: 8-bit attention (SageAttention2-style), non-causal, no mask.
 
-Q and K are quantized to int8, K after subtracting its mean over tokens (exact for softmax: it shifts every row
-of ``QKᵀ`` by a constant), with one scale per block of tokens per head; ``QKᵀ`` is an exact integer product; the
-softmax runs online in fp32 base 2 (``scale · log2 e`` is folded into Q before quantization); the probabilities
-``P̃ = exp2(s - m) ∈ [0, 1]`` are multiplied by 448 and rounded to fp8 e4m3, V is fp8 e4m3 with one scale per
-channel per block of :data:`BLOCK_V` tokens, and each key block's ``P̃V`` starts from a fresh fp32 accumulator
-that is rescaled by V's scales and added to the running one (two-level accumulation: Hopper's fp8 MMA accumulates
-with limited precision, and the per-block V scales need it anyway).
+Q and K are quantized to int8 with one scale per block of tokens per head, K after subtracting a smoothing vector
+(exact for softmax: it shifts every row of ``QKᵀ`` by a constant). The smoothing vector is the mean of
+:data:`K_SAMPLES` tokens spread evenly over the sequence, summed in token order in fp32: it removes the per-channel
+offsets of DiT keys as well as the full mean does, and every K block can compute it in the same launch that
+quantizes it (the full mean needs a pass over all tokens first). ``QKᵀ`` is an exact integer product; the softmax
+runs online in fp32 base 2 (``scale · log2 e`` is folded into Q before quantization); the probabilities
+``exp2(s - m) ∈ [0, 1]`` are computed times 448 (``exp2(s - m + log2 448)``, fp8 e4m3's largest value) and rounded
+to fp8 e4m3; V is fp8 e4m3 with one scale per channel over all tokens, applied once to the output; each key block's
+``P̃V`` starts from a fresh fp32 accumulator that is added to the running one (two-level accumulation: Hopper's fp8
+MMA accumulates with limited precision).
 
 :func:`quantize_qkv` gives the codes in the padded layout the Triton kernel reads (bit for bit the Triton
-pre-kernel's output); :func:`int8_attention` computes attention from them with key blocks of :data:`BLOCK_N`
-(the online softmax depends on the block size through the fp8 rounding of ``P̃``; the GPU autotuner may choose
-128). The fidelity reference is ``torch.nn.functional.scaled_dot_product_attention`` in 16 bits.
+pre-kernel's output); :func:`int8_attention` computes attention from them with key blocks of :data:`BLOCK_N` or
+128 (the online softmax depends on the block size through the fp8 rounding of ``P̃``; the GPU autotuner chooses). The fidelity reference is ``torch.nn.functional.scaled_dot_product_attention`` in 16 bits.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import math
 
 import torch
 
-__all__ = ["quantize_qkv", "int8_attention", "head_dim_padded", "BLOCK_Q", "BLOCK_K", "BLOCK_V", "BLOCK_N", "PAD",
-           "P_SCALE", "LOG2E"]
+__all__ = ["quantize_qkv", "smoothing_vector", "int8_attention", "head_dim_padded", "BLOCK_Q", "BLOCK_K", "BLOCK_N",
+           "PAD", "K_SAMPLES", "P_SCALE", "LOG2_P_SCALE", "LOG2E"]
 
 BLOCK_Q = 64      #: tokens per Q scale
-BLOCK_K = 64      #: tokens per K scale
-BLOCK_V = 128     #: tokens per V scale (one per channel)
+BLOCK_K = 128     #: tokens per K scale (a key tile of the kernel, at most 128 tokens, has one K scale)
 BLOCK_N = 64      #: key block of the online softmax in this reference (the kernel's fixed / interpreter config)
 PAD = 128         #: token counts of the code buffers are padded to this (the largest kernel tile)
-P_SCALE = 448.0   #: P̃ ∈ [0, 1] is multiplied by this (fp8 e4m3's largest value) before rounding
+K_SAMPLES = 64    #: tokens averaged into K's smoothing vector
+P_SCALE = 448.0   #: P̃ ∈ [0, 1] is computed times this (fp8 e4m3's largest value) before rounding
+LOG2_P_SCALE = math.log2(P_SCALE)
 LOG2E = 1.4426950408889634
 
 
@@ -59,47 +62,60 @@ def _int8_blocks(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]
     return codes.to(torch.int8).reshape(bh, n, d), s
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, qk_scale: float,
-                 ) -> tuple[torch.Tensor, ...]:
+def smoothing_vector(k: torch.Tensor) -> torch.Tensor:
+    """K ``(B, H, N, D)`` → fp32 ``(B, H, D)``: the mean of the tokens ``⌊i·N / K_SAMPLES⌋``, i < K_SAMPLES (repeats
+    when N < K_SAMPLES), summed one token after another from i = 0 in fp32, then times 1 / K_SAMPLES (exact)."""
+    n = k.shape[2]
+    acc = torch.zeros(k.shape[0], k.shape[1], k.shape[3], dtype=torch.float32, device=k.device)
+    for i in range(K_SAMPLES):
+        acc = acc + k[:, :, i * n // K_SAMPLES].float()
+    return acc * (1.0 / K_SAMPLES)
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float,
+                 k_smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Quantize Q, K, V for the attention kernel.
 
-    q: ``(B, H, Nq, D)``, k / v: ``(B, H, Nk, D)``, 16-bit (or fp32). k_mean: fp32 ``(B, H, D)``, K's mean over
-    tokens. qk_scale: the softmax scale times log2 e (multiplied into Q in fp32 before quantization).
+    q: ``(B, H, Nq, D)``, k / v: ``(B, H, Nk, D)``, 16-bit (or fp32). qk_scale: the softmax scale times log2 e
+    (multiplied into Q in fp32 before quantization). k_smooth: fp32 ``(B, H, D)`` subtracted from K, default
+    :func:`smoothing_vector` ``(k)``.
 
     Returns, with ``BH = B·H``, ``Nqp / Nkp`` the token counts padded to :data:`PAD` and ``Dp =``
     :func:`head_dim_padded` ``(D)`` (codes and scales are zero in the padding):
     ``q_codes`` int8 ``(BH, Nqp, Dp)``, ``q_scales`` fp32 ``(BH, Nqp/BLOCK_Q)``, ``k_codes`` int8 ``(BH, Nkp, Dp)``
-    of ``K - k_mean``, ``k_scales`` fp32 ``(BH, Nkp/BLOCK_K)``, ``v_codes_t`` float8_e4m3fn ``(BH, Dp, Nkp)``
-    (transposed: tokens contiguous, as Hopper's fp8 MMA reads its second operand), ``v_scales`` fp32
-    ``(BH, Nkp/BLOCK_V, Dp)`` = per-channel amax / 448 over each block. Int8 scales are amax / 127, codes
-    round-half-even(x / scale) clamped to ±127; every division is correctly rounded.
+    of ``K - k_smooth``, ``k_scales`` fp32 ``(BH, Nkp/BLOCK_K)``, ``v_codes_t`` float8_e4m3fn ``(BH, Dp, Nkp)``
+    (transposed: tokens contiguous, as Hopper's fp8 MMA reads its second operand), ``v_scales`` fp32 ``(BH, Dp)``
+    = per-channel amax over all tokens / 448. Int8 scales are amax / 127, codes round-half-even(x / scale) clamped
+    to ±127; every division is correctly rounded.
     """
     b, h, nq, d = q.shape
     nk = k.shape[2]
     nqp, nkp, dp = _pad_tokens(nq), _pad_tokens(nk), head_dim_padded(d)
+    k_smooth = smoothing_vector(k) if k_smooth is None else k_smooth
     qf = _flat_padded(q, nqp, dp) * qk_scale
     kf = _flat_padded(k, nkp, dp)
-    kf[:, :nk, :d] -= k_mean.reshape(b * h, 1, d).float()
+    kf[:, :nk, :d] -= k_smooth.reshape(b * h, 1, d).float()
     q_codes, q_scales = _int8_blocks(qf, BLOCK_Q)
     k_codes, k_scales = _int8_blocks(kf, BLOCK_K)
-    vb = _flat_padded(v, nkp, dp).reshape(b * h, nkp // BLOCK_V, BLOCK_V, dp)
-    v_scales = vb.abs().amax(dim=2) / P_SCALE
-    vq = (vb / torch.where(v_scales > 0, v_scales, 1.0)[:, :, None, :]).clamp_(-P_SCALE, P_SCALE)
-    v_codes_t = vq.to(torch.float8_e4m3fn).reshape(b * h, nkp, dp).transpose(1, 2).contiguous()
+    vf = _flat_padded(v, nkp, dp)
+    v_scales = vf.abs().amax(dim=1) / P_SCALE
+    vq = (vf / torch.where(v_scales > 0, v_scales, 1.0)[:, None, :]).clamp_(-P_SCALE, P_SCALE)
+    v_codes_t = vq.to(torch.float8_e4m3fn).transpose(1, 2).contiguous()
     return q_codes, q_scales, k_codes, k_scales, v_codes_t, v_scales
 
 
-def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   block_n: int = BLOCK_N) -> torch.Tensor:
     """``softmax(Q Kᵀ · scale) V`` with 8-bit operands (see the module docstring for the exact quantization).
 
     q: ``(B, H, Nq, D)``; k, v: ``(B, H, Nk, D)``; 16-bit, same dtype. scale: softmax scale, default
-    ``1/sqrt(D)``. Returns ``(B, H, Nq, D)`` in q's dtype.
+    ``1/sqrt(D)``. block_n: key block of the online softmax (64 or 128, the kernel's tile). Returns
+    ``(B, H, Nq, D)`` in q's dtype.
     """
     b, h, nq, d = q.shape
     nk = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    k_mean = k.float().mean(dim=2)
-    qc, sq, kc, sk, vt, sv = quantize_qkv(q, k, v, k_mean, scale * LOG2E)
+    qc, sq, kc, sk, vt, sv = quantize_qkv(q, k, v, scale * LOG2E)
     nkp = kc.shape[1]
     qf = qc.float()
     sq_rows = sq.repeat_interleave(BLOCK_Q, dim=1)[:, :, None]          # (BH, Nqp, 1)
@@ -110,17 +126,16 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     l = torch.zeros((bh, nqp), device=dev)
     acc = torch.zeros((bh, nqp, dp), device=dev)
     cols = torch.arange(nkp, device=dev)
-    for start in range(0, nk, BLOCK_N):
-        sl = slice(start, start + BLOCK_N)
-        s = (qf @ kc[:, sl].float().transpose(1, 2)) * sq_rows * sk_cols[:, :, sl]   # exact integer product
+    for start in range(0, nk, block_n):
+        sl = slice(start, start + block_n)
+        s = (qf @ kc[:, sl].float().transpose(1, 2)) * (sq_rows * sk_cols[:, :, sl])   # exact integer product
         s = torch.where(cols[sl][None, None, :] < nk, s, float("-inf"))
         m_new = torch.maximum(m, s.amax(dim=-1))
-        p = torch.exp2(s - m_new[..., None])
+        p = torch.exp2(s - (m_new - LOG2_P_SCALE)[..., None])                # P̃ · 448
         alpha = torch.exp2(m - m_new)
         l = l * alpha + p.sum(dim=-1)
-        p8 = (p * P_SCALE).to(torch.float8_e4m3fn).float()
-        pv = p8 @ vt[:, :, sl].float().transpose(1, 2)
-        acc = acc * alpha[..., None] + pv * sv[:, start // BLOCK_V][:, None, :]
+        p8 = p.clamp(max=P_SCALE).to(torch.float8_e4m3fn).float()            # the hardware cast saturates
+        acc = acc * alpha[..., None] + p8 @ vt[:, :, sl].float().transpose(1, 2)
         m = m_new
-    o = acc / (l * P_SCALE)[..., None]
+    o = acc * sv[:, None, :] / l[..., None]
     return o[:, :nq, :d].reshape(b, h, nq, d).to(q.dtype)

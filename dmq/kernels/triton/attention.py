@@ -2,17 +2,25 @@
 fp8 e4m3 ``P̃V`` with two-level fp32 accumulation. Non-causal, no mask; any head dim ≤ 256 (padded to a power of
 two, at least 32); any sequence lengths (masked tails); separate query and key lengths (cross-attention).
 
-Two launches: ``_quant_kernel`` quantizes Q, K (minus its mean over tokens, computed by PyTorch) and V in one grid
-into the padded layout of :func:`dmq.kernels.reference.attention.quantize_qkv` (bit for bit), then ``_attn_kernel``
-computes attention from the codes. Under Triton's interpreter the fp8 rounding of ``P̃`` goes through the integer
-encoder (:func:`dmq.kernels._common.encode_e4m3`, the same bits as the hardware conversion), because in-kernel
-casts to fp8 are miscomputed there (triton#8322); on the GPU it is the hardware cast. Reference:
-:mod:`dmq.kernels.reference.attention`.
+Two launches. ``_quant_kernel`` quantizes Q, K (minus its smoothing vector, which every K block computes from the
+same :data:`~dmq.kernels.reference.attention.K_SAMPLES` tokens) and V (one scale per channel: one program per
+16 channels reads all tokens twice) in one 1-D grid into one int8 and one fp32 buffer, in the padded layout of
+:func:`dmq.kernels.reference.attention.quantize_qkv` (bit for bit); ``_attn_kernel`` computes attention from them.
+Under Triton's interpreter fp8 rounding goes through the integer encoder (:func:`dmq.kernels._common.encode_e4m3`,
+the same bits as the hardware conversion), because in-kernel casts to fp8 are miscomputed there (triton#8322); on the
+GPU it is the hardware cast. Reference: :mod:`dmq.kernels.reference.attention`.
+
+Main loop per key tile (one K scale per tile, so a score costs an integer add, a max, a subtraction, an FMA and an exp2):
+``f = bits(qk + 0x4B400000)`` is ``1.5·2²³ + qk`` as fp32 (exact for |qk| < 2²², always true for int8 codes and
+D ≤ 256; an integer add instead of the quarter-rate int→float conversion, which shares its unit with exp2),
+``P̃·448 = exp2((f - 1.5·2²³)·c - (m - log2 448))`` with ``c = q scale · k scale`` (a subtraction and an FMA);
+V's per-channel scales are applied once to the output, so the accumulator update is one FMA per element.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -20,146 +28,213 @@ import triton.language as tl
 
 from dmq.kernels._common import FLOAT16, bench_fn, check, encode_e4m3, fixed_config, interpreting, m_bucket, rint_small
 from dmq.kernels.reference import attention as _ref
-from dmq.kernels.reference.attention import BLOCK_K, BLOCK_N, BLOCK_Q, BLOCK_V, LOG2E, PAD, head_dim_padded
+from dmq.kernels.reference.attention import BLOCK_K, BLOCK_N, BLOCK_Q, K_SAMPLES, LOG2E, PAD, head_dim_padded
 
-__all__ = ["quantize_qkv", "attend_codes", "int8_attention"]
+__all__ = ["QuantizedQKV", "CONFIGS", "prepare", "attend", "quantize_qkv", "int8_attention", "config_name",
+           "tuned_config"]
 
 MAX_HEAD_DIM = 256
 P_SCALE = tl.constexpr(_ref.P_SCALE)  # a jit function may read a global only when it is a constexpr
+LOG2_P = tl.constexpr(_ref.LOG2_P_SCALE)
+MAGIC = tl.constexpr(12582912.0)      # 1.5 * 2**23: fp32 values in [2**23, 2**24) have integer steps
+MAGIC_BITS = tl.constexpr(0x4B400000)  # its bit pattern
+V_CHANNELS = 16    # channels per V program (32-byte rows of 16-bit V; 8 programs per head at D = 128)
+V_TOKENS = 512     # tokens per V load (16 KB): fewer, larger loads for the two serial passes over the sequence
 
 
 def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
 
 
-# BN must divide BLOCK_V (one V scale row per key block) and be a multiple of BLOCK_K; BM must divide PAD.
-_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)]
+# BN must divide BLOCK_K (one K scale per key tile) and BM must divide PAD. On the H100 the previous kernel chose
+# 64×64, 4 warps, 3 stages at FLUX (several CTAs per SM overlap one CTA's softmax with another's MMAs); the larger
+# tiles halve the per-tile work (row max, rescale) per score and need fewer CTAs.
+CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 2), _cfg(64, 128, 4, 3), _cfg(128, 64, 4, 3),
+           _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3)]
 _FIXED = _cfg(64, BLOCK_N, 4, 1)
+
+
+def config_name(cfg: triton.Config) -> str:
+    """``BM=128,BN=64,w8,s3``."""
+    return ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
 
 
 # -- quantization pre-kernel ---------------------------------------------------------------------------------------
 @triton.jit
-def _quant_int8_block(x_ptr, c_ptr, s_ptr, mean_ptr, pid, bh, n_valid, NP, H, stride_b, stride_h, stride_n, mul,
-                      D: tl.constexpr, DP: tl.constexpr, BLK: tl.constexpr, SUB_MEAN: tl.constexpr):
-    """One block of BLK tokens of Q (times ``mul``) or K (minus its mean) → int8 codes and one fp32 scale."""
-    rn = pid * BLK + tl.arange(0, BLK)
-    rd = tl.arange(0, DP)
-    valid = (rn[:, None] < n_valid) & (rd[None, :] < D)
-    b = bh // H
-    h = bh % H
-    x = tl.load(x_ptr + b * stride_b + h * stride_h + rn[:, None] * stride_n + rd[None, :], mask=valid,
-                other=0.0).to(tl.float32)
-    if SUB_MEAN:
-        km = tl.load(mean_ptr + bh * D + rd, mask=rd < D, other=0.0)
-        x = tl.where(valid, x - km[None, :], 0.0)
-    else:
-        x = x * mul
+def _store_int8_block(x, c_ptrs, s_ptr):
+    """A block of fp32 values → int8 codes at ``c_ptrs`` and one scale (amax / 127) at ``s_ptr``."""
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     s = tl.math.div_rn(amax, 127.0)
-    tl.store(s_ptr + bh * (NP // BLK) + pid, s)
+    tl.store(s_ptr, s)
     y = tl.math.div_rn(x, tl.where(s > 0, s, 1.0))
-    q = rint_small(tl.minimum(tl.maximum(y, -127.0), 127.0))
-    tl.store(c_ptr + bh * NP * DP + rn[:, None] * DP + rd[None, :], q.to(tl.int8))
+    tl.store(c_ptrs, rint_small(tl.minimum(tl.maximum(y, -127.0), 127.0)).to(tl.int8))
 
 
 @triton.jit
-def _quant_kernel(q_ptr, k_ptr, v_ptr, km_ptr, qc_ptr, sq_ptr, kc_ptr, sk_ptr, vt_ptr, sv_ptr,
-                  NQ, NK, NQP, NKP, H, qk_scale,
+def _quant_q(x_ptr, c_ptr, s_ptr, j, NQ, NQP, H, stride_b, stride_h, stride_n, qk_scale,
+             D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr):
+    """Q block ``j`` (of BQ tokens, over all heads) times ``qk_scale`` → int8 codes, one scale."""
+    nb = NQP // BQ
+    bh = j // nb
+    rn = (j % nb) * BQ + tl.arange(0, BQ)
+    rd = tl.arange(0, DP)
+    valid = (rn[:, None] < NQ) & (rd[None, :] < D)
+    base = x_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    x = tl.load(base + rn[:, None] * stride_n + rd[None, :], mask=valid, other=0.0).to(tl.float32) * qk_scale
+    _store_int8_block(x, c_ptr + bh.to(tl.int64) * NQP * DP + rn[:, None] * DP + rd[None, :], s_ptr + j)
+
+
+@triton.jit
+def _quant_k(x_ptr, c_ptr, s_ptr, j, NK, NKP, H, stride_b, stride_h, stride_n,
+             D: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr):
+    """K block ``j`` minus the head's smoothing vector (the same KS sampled tokens, summed in order) → int8."""
+    nb = NKP // BK
+    bh = j // nb
+    rn = (j % nb) * BK + tl.arange(0, BK)
+    rd = tl.arange(0, DP)
+    base = x_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    mu = tl.zeros((DP,), tl.float32)
+    for i in tl.static_range(KS):
+        mu += tl.load(base + (i * NK // KS) * stride_n + rd, mask=rd < D, other=0.0).to(tl.float32)
+    mu = mu * (1.0 / KS)
+    valid = (rn[:, None] < NK) & (rd[None, :] < D)
+    x = tl.load(base + rn[:, None] * stride_n + rd[None, :], mask=valid, other=0.0).to(tl.float32)
+    x = tl.where(valid, x - mu[None, :], 0.0)
+    _store_int8_block(x, c_ptr + bh.to(tl.int64) * NKP * DP + rn[:, None] * DP + rd[None, :], s_ptr + j)
+
+
+@triton.jit
+def _quant_v(x_ptr, c_ptr, c8_ptr, s_ptr, j, NK, NKP, H, stride_b, stride_h, stride_n,
+             D: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, TV: tl.constexpr, INT_ENCODE: tl.constexpr):
+    """DC channels of one head of V: amax over all tokens (one pass), then fp8 codes stored transposed
+    (tokens contiguous, a second pass that mostly hits L2)."""
+    nc = DP // DC
+    bh = j // nc
+    rc = (j % nc) * DC + tl.arange(0, DC)
+    base = x_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h + rc[:, None]
+    amax = tl.zeros((DC,), tl.float32)
+    for t in range(0, NK, TV):
+        rn = t + tl.arange(0, TV)
+        x = tl.load(base + rn[None, :] * stride_n, mask=(rn[None, :] < NK) & (rc[:, None] < D), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    s = tl.math.div_rn(amax, P_SCALE)
+    tl.store(s_ptr + bh * DP + rc, s)
+    s = tl.where(s > 0, s, 1.0)
+    out = bh.to(tl.int64) * DP * NKP + rc[:, None] * NKP
+    for t in range(0, NKP, TV):
+        rn = t + tl.arange(0, TV)
+        x = tl.load(base + rn[None, :] * stride_n, mask=(rn[None, :] < NK) & (rc[:, None] < D), other=0.0)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), s[:, None]), -P_SCALE), P_SCALE)
+        if INT_ENCODE:
+            tl.store(c_ptr + out + rn[None, :], encode_e4m3(y).to(tl.int8), mask=rn[None, :] < NKP)
+        else:
+            tl.store(c8_ptr + out + rn[None, :], y.to(tl.float8e4nv), mask=rn[None, :] < NKP)
+
+
+@triton.jit(do_not_specialize=["NQ", "NK", "BH", "H"])
+def _quant_kernel(q_ptr, k_ptr, v_ptr, c_ptr, c8_ptr, s_ptr, NQ, NK, NQP, NKP, BH, H, qk_scale,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                  D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Grid (blocks of 64 tokens over the longer padded length, B·H, 3): axis 2 picks Q, K or V."""
+                  D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
+                  DC: tl.constexpr, TV: tl.constexpr, INT_ENCODE: tl.constexpr):
+    """1-D grid: the V programs (longest, so they start first), then the K blocks, then the Q blocks."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    which = tl.program_id(2)
-    if which == 0:
-        if pid * BQ < NQP:
-            _quant_int8_block(q_ptr, qc_ptr, sq_ptr, km_ptr, pid, bh, NQ, NQP, H, sqb, sqh, sqn, qk_scale,
-                              D, DP, BQ, False)
-    elif which == 1:
-        if pid * BK < NKP:
-            _quant_int8_block(k_ptr, kc_ptr, sk_ptr, km_ptr, pid, bh, NK, NKP, H, skb, skh, skn, 1.0,
-                              D, DP, BK, True)
+    n_v = BH * (DP // DC)
+    n_k = BH * (NKP // BK)
+    kc_off = (BH * NQP).to(tl.int64) * DP
+    vt_off = (BH * (NQP + NKP)).to(tl.int64) * DP
+    sk_off = BH * (NQP // BQ)
+    if pid < n_v:
+        _quant_v(v_ptr, c_ptr + vt_off, c8_ptr + vt_off, s_ptr + sk_off + BH * (NKP // BK), pid, NK, NKP, H,
+                 svb, svh, svn, D, DP, DC, TV, INT_ENCODE)
+    elif pid < n_v + n_k:
+        _quant_k(k_ptr, c_ptr + kc_off, s_ptr + sk_off, pid - n_v, NK, NKP, H, skb, skh, skn, D, DP, BK, KS)
     else:
-        if pid * BV < NKP:
-            rn = pid * BV + tl.arange(0, BV)
-            rd = tl.arange(0, DP)
-            b = bh // H
-            h = bh % H
-            valid = (rn[None, :] < NK) & (rd[:, None] < D)
-            # loaded transposed, (DP, BV): the codes are stored with tokens contiguous
-            x = tl.load(v_ptr + b * svb + h * svh + rn[None, :] * svn + rd[:, None], mask=valid,
-                        other=0.0).to(tl.float32)
-            s = tl.math.div_rn(tl.max(tl.abs(x), axis=1), P_SCALE)
-            tl.store(sv_ptr + (bh * (NKP // BV) + pid) * DP + rd, s)
-            y = tl.math.div_rn(x, tl.where(s > 0, s, 1.0)[:, None])
-            code = encode_e4m3(tl.minimum(tl.maximum(y, -P_SCALE), P_SCALE))
-            tl.store(vt_ptr + bh * DP * NKP + rd[:, None] * NKP + rn[None, :], code.to(tl.uint8))
+        _quant_q(q_ptr, c_ptr, s_ptr, pid - n_v - n_k, NQ, NQP, H, sqb, sqh, sqn, qk_scale, D, DP, BQ)
 
 
 # -- attention kernel ----------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_step(acc, m_i, l_i, q, sq, k_ptrs, vt_ptrs, sk_ptr, sv_ptr, start, NK,
-               MASK: tl.constexpr, P_INT_ENCODE: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr):
-    """One key block: ``s = (q·kᵀ)·sq·sk``, online softmax, fp8 ``P̃·V`` into a fresh accumulator."""
-    rn = start + tl.arange(0, BN)
+def _attn_step(acc, m_i, l_i, q, cq, k_ptrs, vt_ptrs, sk, start, NK,
+               MASK: tl.constexpr, P_INT_ENCODE: tl.constexpr, BN: tl.constexpr):
+    """One key tile: scores ``(q·kᵀ)·cq·sk``, online softmax, fp8 ``P̃·V`` into a fresh accumulator."""
     k = tl.load(k_ptrs)
-    sk = tl.load(sk_ptr + rn // BK)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * sq[:, None] * sk[None, :]
+    f = (tl.dot(q, tl.trans(k)) + MAGIC_BITS).to(tl.float32, bitcast=True)   # MAGIC + qk, exactly
+    c = cq * sk
     if MASK:
-        s = tl.where(rn[None, :] < NK, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.math.exp2(s - m_new[:, None])
+        valid = (start + tl.arange(0, BN))[None, :] < NK
+        f = tl.where(valid, f, 0.0)   # below every MAGIC + qk (> 2**22): ignored by the row max
+    m_new = tl.maximum(m_i, (tl.max(f, axis=1) - MAGIC) * c)
+    # P̃·448 = exp2(qk·c - (m - log2 448)): a subtraction and one FMA per score. Folding MAGIC·c into the FMA's
+    # addend would save the subtraction but round the exponent at MAGIC·c's scale (~1e-3): the fp8 rounding of P̃
+    # then differs from the reference's for ~1% of the scores.
+    p = tl.math.exp2((f - MAGIC) * c[:, None] - (m_new - LOG2_P)[:, None])
+    if MASK:
+        p = tl.where(valid, p, 0.0)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if P_INT_ENCODE:
-        p8 = encode_e4m3(p * P_SCALE).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        p8 = encode_e4m3(tl.minimum(p, P_SCALE)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     else:
-        p8 = (p * P_SCALE).to(tl.float8e4nv)
+        p8 = p.to(tl.float8e4nv)   # saturating: the row max may come out a few ulps above 448
     vt = tl.load(vt_ptrs)
-    pv = tl.dot(p8, tl.trans(vt))   # fresh fp32 accumulator per key block (two-level accumulation)
-    sv = tl.load(sv_ptr + (start // BV) * DP + tl.arange(0, DP))
-    acc = acc * alpha[:, None] + pv * sv[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))   # fresh fp32 MMA accumulator per tile (two-level)
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["NQ", "NK", "NQ_BUCKET", "NK_BUCKET"])
-def _attn_kernel(qc_ptr, sq_ptr, kc_ptr, sk_ptr, vt_ptr, sv_ptr, o_ptr,
-                 NQ, NK, NQP, NKP, H, NQ_BUCKET, NK_BUCKET, sob, soh, son,
-                 D: tl.constexpr, DP: tl.constexpr, P_INT_ENCODE: tl.constexpr, BQ: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+@triton.jit(do_not_specialize=["NQ", "NK", "BH", "H", "D", "NQ_BUCKET", "NK_BUCKET"])
+def _attn_kernel(c_ptr, c8_ptr, s_ptr, o_ptr, NQ, NK, NQP, NKP, BH, H, D, NQ_BUCKET, NK_BUCKET, sob, soh, son,
+                 DP: tl.constexpr, P_INT_ENCODE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rd = tl.arange(0, DP)
     rn = tl.arange(0, BN)
-    q = tl.load(qc_ptr + bh * NQP * DP + rm[:, None] * DP + rd[None, :])
-    sq = tl.load(sq_ptr + bh * (NQP // BQ) + rm // BQ)
-    k_ptrs = kc_ptr + bh * NKP * DP + rn[:, None] * DP + rd[None, :]
-    vt_ptrs = vt_ptr + bh * DP * NKP + rd[:, None] * NKP + rn[None, :]
-    sk_ptr = sk_ptr + bh * (NKP // BK)
-    sv_ptr = sv_ptr + bh * (NKP // BV) * DP
+    q = tl.load(c_ptr + bh.to(tl.int64) * NQP * DP + rm[:, None] * DP + rd[None, :])
+    cq = tl.load(s_ptr + bh * (NQP // BQ) + rm // BQ)
+    k_ptrs = c_ptr + (BH * NQP + bh * NKP).to(tl.int64) * DP + rn[:, None] * DP + rd[None, :]
+    vt_ptrs = c8_ptr + (BH * (NQP + NKP) + bh * NKP).to(tl.int64) * DP + rd[:, None] * NKP + rn[None, :]
+    sk_ptr = s_ptr + BH * (NQP // BQ) + bh * (NKP // BK)
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, DP), tl.float32)
     n_full = (NK // BN) * BN
     for start in range(0, n_full, BN):
-        acc, m_i, l_i = _attn_step(acc, m_i, l_i, q, sq, k_ptrs + start * DP, vt_ptrs + start, sk_ptr, sv_ptr, start,
-                                   NK, False, P_INT_ENCODE, DP, BN, BK, BV)
+        acc, m_i, l_i = _attn_step(acc, m_i, l_i, q, cq, k_ptrs + start * DP, vt_ptrs + start,
+                                   tl.load(sk_ptr + start // BK), start, NK, False, P_INT_ENCODE, BN)
     if n_full < NK:
-        acc, m_i, l_i = _attn_step(acc, m_i, l_i, q, sq, k_ptrs + n_full * DP, vt_ptrs + n_full, sk_ptr, sv_ptr,
-                                   n_full, NK, True, P_INT_ENCODE, DP, BN, BK, BV)
-    o = acc / (l_i * P_SCALE)[:, None]
+        acc, m_i, l_i = _attn_step(acc, m_i, l_i, q, cq, k_ptrs + n_full * DP, vt_ptrs + n_full,
+                                   tl.load(sk_ptr + n_full // BK), n_full, NK, True, P_INT_ENCODE, BN)
+    sv = tl.load(s_ptr + BH * (NQP // BQ + NKP // BK) + bh * DP + rd)
+    o = acc * sv[None, :] / l_i[:, None]
     b = bh // H
     h = bh % H
-    tl.store(o_ptr + b * sob + h * soh + rm[:, None] * son + rd[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=(rm[:, None] < NQ) & (rd[None, :] < D))
+    tl.store(o_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rm[:, None] * son + rd[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < NQ) & (rd[None, :] < D))
 
 
-_attn_tuned = triton.autotune(_CONFIGS, key=["NQ_BUCKET", "NK_BUCKET", "DP"], do_bench=bench_fn)(_attn_kernel)
+_attn_tuned = triton.autotune(CONFIGS, key=["NQ_BUCKET", "NK_BUCKET", "DP"], do_bench=bench_fn)(_attn_kernel)
+
+
+def tuned_config() -> triton.Config | None:
+    """The config the autotuner chose for the latest tuned launch (None before any)."""
+    return getattr(_attn_tuned, "best_config", None)
 
 
 # -- launchers -----------------------------------------------------------------------------------------------------
+class QuantizedQKV(NamedTuple):
+    """Output of :func:`prepare`. ``codes`` int8, flat: Q codes ``(BH, Nqp, Dp)``, K codes ``(BH, Nkp, Dp)``, V fp8
+    codes transposed ``(BH, Dp, Nkp)``; ``scales`` fp32, flat: Q ``(BH, Nqp/BLOCK_Q)``, K ``(BH, Nkp/BLOCK_K)``,
+    V ``(BH, Dp)`` (the layout of :func:`dmq.kernels.reference.attention.quantize_qkv`, see :func:`quantize_qkv`)."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    q_shape: torch.Size   # (B, H, Nq, D)
+    nk: int
+    nqp: int
+    nkp: int
+    dp: int
+
+
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, N, D)")
     check(q.dtype in FLOAT16 and k.dtype == q.dtype and v.dtype == q.dtype,
@@ -174,50 +249,52 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         check(t.stride(3) == 1, f"{name} must be contiguous along the head dim")
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, qk_scale: float,
-                 ) -> tuple[torch.Tensor, ...]:
-    """Triton launcher; same signature and outputs as :func:`dmq.kernels.reference.attention.quantize_qkv`."""
-    _check_qkv(q, k, v)
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float) -> QuantizedQKV:
+    """The quantization pre-pass (one launch, two allocations) on checked inputs: q ``(B, H, Nq, D)``, k / v
+    ``(B, H, Nk, D)``, 16-bit, contiguous along D; qk_scale: the softmax scale times log2 e."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    check(k_mean.shape == (b, h, d) and k_mean.dtype == torch.float32, "k_mean must be fp32 (B, H, D)")
-    k_mean = k_mean.contiguous()
     nqp, nkp, dp = -(-nq // PAD) * PAD, -(-nk // PAD) * PAD, head_dim_padded(d)
     bh = b * h
-    dev = q.device
-    qc = torch.empty((bh, nqp, dp), dtype=torch.int8, device=dev)
-    kc = torch.empty((bh, nkp, dp), dtype=torch.int8, device=dev)
-    vt = torch.empty((bh, dp, nkp), dtype=torch.uint8, device=dev)
-    sq = torch.empty((bh, nqp // BLOCK_Q), dtype=torch.float32, device=dev)
-    sk = torch.empty((bh, nkp // BLOCK_K), dtype=torch.float32, device=dev)
-    sv = torch.empty((bh, nkp // BLOCK_V, dp), dtype=torch.float32, device=dev)
-    grid = (max(nqp // BLOCK_Q, nkp // BLOCK_K), bh, 3)
-    _quant_kernel[grid](q, k, v, k_mean, qc, sq, kc, sk, vt, sv, nq, nk, nqp, nkp, h, qk_scale,
+    codes = torch.empty(bh * dp * (nqp + 2 * nkp), dtype=torch.int8, device=q.device)
+    scales = torch.empty(bh * (nqp // BLOCK_Q + nkp // BLOCK_K + dp), dtype=torch.float32, device=q.device)
+    grid = (bh * (dp // V_CHANNELS + nkp // BLOCK_K + nqp // BLOCK_Q),)
+    _quant_kernel[grid](q, k, v, codes, codes.view(torch.float8_e4m3fn), scales, nq, nk, nqp, nkp, bh, h, qk_scale,
                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                         v.stride(0), v.stride(1), v.stride(2),
-                        D=d, DP=dp, BQ=BLOCK_Q, BK=BLOCK_K, BV=BLOCK_V, num_warps=8)
-    return qc, sq, kc, sk, vt.view(torch.float8_e4m3fn), sv
+                        D=d, DP=dp, BQ=BLOCK_Q, BK=BLOCK_K, KS=K_SAMPLES, DC=V_CHANNELS, TV=V_TOKENS,
+                        INT_ENCODE=interpreting(), num_warps=8)
+    return QuantizedQKV(codes, scales, q.shape, nk, nqp, nkp, dp)
 
 
-def attend_codes(codes: tuple[torch.Tensor, ...], q_shape: torch.Size, nk: int, out_dtype: torch.dtype,
-                 ) -> torch.Tensor:
-    """The attention kernel alone, on the output of :func:`quantize_qkv` for q of shape ``q_shape``
-    ``(B, H, Nq, D)`` and ``nk`` keys → ``(B, H, Nq, D)`` in ``out_dtype``."""
-    qc, sq, kc, sk, vt, sv = codes
-    b, h, nq, d = q_shape
-    nqp, dp = qc.shape[1], qc.shape[2]
-    nkp = kc.shape[1]
-    o = torch.empty((b, h, nq, d), dtype=out_dtype, device=qc.device)
-    args = (qc, sq, kc, sk, vt, sv, o, nq, nk, nqp, nkp, h, m_bucket(nq), m_bucket(nk),
-            o.stride(0), o.stride(1), o.stride(2))
-    consts = dict(D=d, DP=dp, P_INT_ENCODE=interpreting(), BQ=BLOCK_Q, BK=BLOCK_K, BV=BLOCK_V)
-    if fixed_config():
-        bm = _FIXED.kwargs["BM"]
-        _attn_kernel[(nqp // bm, b * h)](*args, **consts, **_FIXED.kwargs, num_warps=_FIXED.num_warps,
-                                         num_stages=_FIXED.num_stages)
-    else:
+def attend(qkv: QuantizedQKV, out_dtype: torch.dtype, config: triton.Config | None = None) -> torch.Tensor:
+    """The attention kernel alone on the output of :func:`prepare` → ``(B, H, Nq, D)`` in ``out_dtype``. config: one
+    of :data:`CONFIGS` to launch instead of the autotuned choice (for timing sweeps)."""
+    codes, scales, (b, h, nq, d), nk, nqp, nkp, dp = qkv
+    o = torch.empty((b, h, nq, d), dtype=out_dtype, device=codes.device)
+    args = (codes, codes.view(torch.float8_e4m3fn), scales, o, nq, nk, nqp, nkp, b * h, h, d, m_bucket(nq),
+            m_bucket(nk), o.stride(0), o.stride(1), o.stride(2))
+    consts = dict(DP=dp, P_INT_ENCODE=interpreting(), BQ=BLOCK_Q, BK=BLOCK_K)
+    if config is None and not fixed_config():
         _attn_tuned[lambda meta: (nqp // meta["BM"], b * h)](*args, **consts)
+    else:
+        cfg = _FIXED if config is None else config
+        _attn_kernel[(nqp // cfg.kwargs["BM"], b * h)](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                       num_stages=cfg.num_stages)
     return o
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: float) -> tuple[torch.Tensor, ...]:
+    """Triton pre-pass; same signature (without ``k_smooth``) and outputs as
+    :func:`dmq.kernels.reference.attention.quantize_qkv` (views of :func:`prepare`'s buffers)."""
+    _check_qkv(q, k, v)
+    codes, scales, (b, h, _, _), _, nqp, nkp, dp = prepare(q, k, v, qk_scale)
+    bh = b * h
+    n_q, n_k = bh * nqp * dp, bh * nkp * dp
+    s_q, s_k = bh * (nqp // BLOCK_Q), bh * (nkp // BLOCK_K)
+    return (codes[:n_q].view(bh, nqp, dp), scales[:s_q].view(bh, -1), codes[n_q:n_q + n_k].view(bh, nkp, dp),
+            scales[s_q:s_q + s_k].view(bh, -1), codes[n_q + n_k:].view(bh, dp, nkp).view(torch.float8_e4m3fn),
+            scales[s_q + s_k:].view(bh, dp))
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -225,6 +302,4 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     k / v ``(B, H, Nk, D)``, 16-bit, contiguous along D (other strides free) → ``(B, H, Nq, D)`` in q's dtype."""
     _check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
-    k_mean = k.mean(dim=2, dtype=torch.float32)
-    codes = quantize_qkv(q, k, v, k_mean, scale * LOG2E)
-    return attend_codes(codes, q.shape, k.shape[2], q.dtype)
+    return attend(prepare(q, k, v, scale * LOG2E), q.dtype)
