@@ -1,7 +1,8 @@
 """8-bit attention (dmq int8 QKᵀ / fp8 PV) against PyTorch SDPA (flash) in bf16, at the attention shapes of FLUX,
 SD3, PixArt-Σ and SDXL at 1024², all in one process; writes ``benchmarks/results/attention-<device>.json``.
 
-    python benchmarks/attention.py                       # CUDA GPU: every case
+    python benchmarks/attention.py                       # CUDA GPU: every case (about 2 minutes on an H100)
+    python benchmarks/attention.py --sweep               # ... and every config of the attention kernel, timed
     python benchmarks/attention.py --cases flux,sd3
     python benchmarks/attention.py --smoke               # CPU, Triton interpreter, tiny shapes: catches errors only
     python benchmarks/attention.py --fidelity --seeds 2 --num-images 20 --steps 10   # shipped DiT, any device
@@ -10,15 +11,19 @@ SD3, PixArt-Σ and SDXL at 1024², all in one process; writes ``benchmarks/resul
 the fp32 pipeline (PSNR/SSIM, domain-FID; as ``benchmarks/fidelity.py``) → ``results/attention-fidelity-<device>.json``.
 
 Variants per case: ``sdpa-bf16`` (``F.scaled_dot_product_attention`` restricted to the flash backend), ``dmq-int8``
-(the whole op: K mean, quantization pre-kernel, attention kernel), ``abl-quant`` (K mean + pre-kernel only) and
-``abl-attn`` (the attention kernel on ready codes). Times are ``triton.testing.do_bench`` medians (ms; the first call,
-which autotunes, is not timed); ``ratio_vs_sdpa`` > 1 is faster. Fidelity: ``cos_vs_sdpa`` is the cosine similarity of
-the output with the bf16 SDPA output; ``cos_vs_ref`` / ``maxdiff_vs_ref`` compare the kernel with its PyTorch
-reference (:mod:`dmq.kernels.reference.attention`, key blocks of 64; the GPU may autotune to 128 and casts P to fp8
-in hardware, so agreement is at the fp8 rounding level, not bit-exact). Inputs: Gaussian Q, V; K Gaussian plus a
-per-channel offset (as in DiT keys) on a few channels. Head dims that are not a power of two (PixArt-Σ's 72) are
-zero-padded to the next power of two (128) inside the kernel. A failing case or variant records its error and the
-run goes on.
+(the whole op: quantization pre-kernel and attention kernel; ``config`` is the autotuner's choice), ``abl-quant``
+(the pre-kernel alone), ``abl-attn`` (the attention kernel on ready codes) and, with ``--sweep``, ``sweep-attn`` once
+per config of the attention kernel. Times are ``triton.testing.do_bench`` medians (ms, L2 flushed before each call;
+the first call, which autotunes, is not timed); ``ratio_vs_sdpa`` > 1 is faster. ``ms_graph`` is the GPU time alone
+(the call captured in a CUDA graph) and ``host_us`` the host time per call (Python, allocations, launches): where
+``ms`` exceeds ``ms_graph``, launch overhead shows (small shapes). Fidelity: ``cos_vs_sdpa`` is the cosine similarity
+of the output with the bf16 SDPA output; ``cos_vs_ref`` / ``maxdiff_vs_ref`` compare the kernel with its PyTorch
+reference (:mod:`dmq.kernels.reference.attention`, with the chosen config's key block; the GPU casts P to fp8 in
+hardware and its exp2 is approximate, so agreement is at the fp8 rounding level, not bit-exact);
+``codes_bit_exact``: the pre-kernel's codes and scales equal the reference's bit for bit. Inputs: Gaussian Q, V; K
+Gaussian plus a per-channel offset (as in DiT keys) on a few channels. Head dims that are not a power of two
+(PixArt-Σ's 72) are zero-padded to the next power of two (128) inside the kernel. A failing case or variant records
+its error and the run goes on; a summary table ends the run.
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ def cos(a, b) -> float:
     return F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
-def timer(smoke: bool):
+def timer(smoke: bool, rep: int = 100):
+    """fn → ms: ``triton.testing.do_bench`` median on the GPU (L2 flushed before each call), one wall-clock call
+    under the interpreter."""
     if smoke:
         def once(fn):
             t = time.perf_counter()
@@ -87,20 +94,37 @@ def timer(smoke: bool):
     def bench(fn):
         fn()
         torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep))
     return bench
 
 
-def best_config() -> str | None:
-    from dmq.kernels.triton import attention as tri
+def graph_ms(fn) -> float:
+    """GPU time alone: ``fn`` captured in a CUDA graph (already autotuned), replays timed like :func:`timer`."""
+    import triton
 
-    cfg = getattr(tri._attn_tuned, "best_config", None)
-    if cfg is None:
-        return None
-    return ",".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f",w{cfg.num_warps},s{cfg.num_stages}"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(triton.testing.do_bench(graph.replay, warmup=25, rep=100))
 
 
-def run_case(name, shape, dev, smoke, rows):
+def host_us(fn, n: int = 50) -> float:
+    """Host time per call in µs (Python, allocations, launches), measured without waiting for the GPU."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return t / n * 1e6
+
+
+def run_case(name, shape, dev, smoke, sweep, rows):
     from dmq.kernels.reference import attention as ref
     from dmq.kernels.triton import attention as tri
 
@@ -111,14 +135,18 @@ def run_case(name, shape, dev, smoke, rows):
     bench = timer(smoke)
     flops = 4 * b * h * nq * nk * d
     q, k, v = make_qkv(b, h, nq, nk, d, dev, dtype)
-    scale = 1.0 / math.sqrt(d)
+    qk_scale = ref.LOG2E / math.sqrt(d)
 
-    def record(variant, fn_time, out=None, **extra):
+    def record(variant, fn, timing=None, **extra):
+        """Time ``fn`` (and, on the GPU, its CUDA-graph GPU time and host time); errors are recorded."""
         row = dict(base, variant=variant)
         try:
-            ms = fn_time()
+            ms = (timing or bench)(fn)
             row["ms"] = round(ms, 4)
             row["tflops"] = round(flops / ms / 1e9, 1)
+            if not smoke and timing is None:
+                row["ms_graph"] = round(graph_ms(fn), 4)
+                row["host_us"] = round(host_us(fn), 1)
             row.update(extra)
         except Exception as e:  # noqa: BLE001 - record and go on
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -140,34 +168,60 @@ def run_case(name, shape, dev, smoke, rows):
         o_sdpa = sdpa()
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    r_sdpa = record("sdpa-bf16" if not smoke else "sdpa-fp16", lambda: bench(sdpa))
+    r_sdpa = record("sdpa-bf16" if not smoke else "sdpa-fp16", sdpa)
 
     dmq = lambda: tri.int8_attention(q, k, v)  # noqa: E731
     extra = {}
     try:
-        o = dmq()
+        o = dmq()   # autotunes on the GPU
+        cfg = None if smoke else tri.tuned_config()
+        extra["config"] = None if cfg is None else tri.config_name(cfg)
         if o_sdpa is not None:
             extra["cos_vs_sdpa"] = round(cos(o, o_sdpa), 6)
-        o_ref = ref.int8_attention(q, k, v)
+        o_ref = ref.int8_attention(q, k, v, block_n=ref.BLOCK_N if cfg is None else cfg.kwargs["BN"])
         extra["cos_vs_ref"] = round(cos(o, o_ref), 6)
         extra["maxdiff_vs_ref"] = float((o.float() - o_ref.float()).abs().max())
         del o_ref
+        codes = zip(tri.quantize_qkv(q, k, v, qk_scale), ref.quantize_qkv(q, k, v, qk_scale), strict=True)
+        extra["codes_bit_exact"] = all(torch.equal(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x,
+                                                   y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y)
+                                       for x, y in codes)
     except Exception as e:  # noqa: BLE001
         extra["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc()
-    row = record("dmq-int8", lambda: bench(dmq), **extra)
+    row = record("dmq-int8", dmq, **extra)
     if "ms" in row and "ms" in r_sdpa:
         row["ratio_vs_sdpa"] = round(r_sdpa["ms"] / row["ms"], 3)
-        row["config"] = None if smoke else best_config()
+        if "ms_graph" in row and "ms_graph" in r_sdpa:
+            row["ratio_vs_sdpa_graph"] = round(r_sdpa["ms_graph"] / row["ms_graph"], 3)
 
-    k_mean = k.mean(dim=2, dtype=torch.float32)
+    record("abl-quant", lambda: tri.prepare(q, k, v, qk_scale))
+    codes = tri.prepare(q, k, v, qk_scale)
+    record("abl-attn", lambda: tri.attend(codes, q.dtype), config=extra.get("config"))
+    if sweep:
+        # every config of the main kernel, launched explicitly (compiled once, shared with the autotuner's cache)
+        for cfg in tri.CONFIGS:
+            r = record("sweep-attn", lambda cfg=cfg: tri.attend(codes, q.dtype, cfg), timing=timer(smoke, rep=50),
+                       config=tri.config_name(cfg))
+            if "ms" in r and "ms" in r_sdpa:
+                r["ratio_vs_sdpa"] = round(r_sdpa["ms"] / r["ms"], 3)
 
-    def quant():
-        return tri.quantize_qkv(q, k, v, k.mean(dim=2, dtype=torch.float32), scale * ref.LOG2E)
-    record("abl-quant", lambda: bench(quant))
-    codes = tri.quantize_qkv(q, k, v, k_mean, scale * ref.LOG2E)
-    attn_only = lambda: tri.attend_codes(codes, q.shape, nk, q.dtype)  # noqa: E731
-    record("abl-attn", lambda: bench(attn_only))
+
+def summary(rows: list[dict]) -> None:
+    """One line per case: SDPA, the whole op, the pre-pass, the kernel, the chosen and the fastest config."""
+    print(f"\n{'case':<12}{'sdpa ms':>9}{'dmq ms':>9}{'ratio':>7}{'graph':>7}{'quant ms':>9}{'attn ms':>9}"
+          "  chosen config / fastest swept config")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        by = {r["variant"]: r for r in rows if r["case"] == case}
+        sdpa = by.get("sdpa-bf16", by.get("sdpa-fp16", {}))
+        ms = {v: by.get(v, {}).get("ms", float("nan")) for v in ("dmq-int8", "abl-quant", "abl-attn")}
+        dm = by.get("dmq-int8", {})
+        sweep = [r for r in rows if r["case"] == case and r["variant"] == "sweep-attn" and "ms" in r]
+        best = min(sweep, key=lambda r: r["ms"]) if sweep else None
+        print(f"{case:<12}{sdpa.get('ms', float('nan')):9.4f}{ms['dmq-int8']:9.4f}"
+              f"{dm.get('ratio_vs_sdpa', float('nan')):7.3f}{dm.get('ratio_vs_sdpa_graph', float('nan')):7.3f}"
+              f"{ms['abl-quant']:9.4f}{ms['abl-attn']:9.4f}  {dm.get('config')}"
+              + (f" / {best['config']} {best['ms']:.4f} ms" if best else ""), flush=True)
 
 
 def run_fidelity(args) -> None:
@@ -216,6 +270,7 @@ def run_fidelity(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="", help=f"comma-separated subset of {', '.join(CASES)}")
+    ap.add_argument("--sweep", action="store_true", help="also time every config of the attention kernel")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (errors only)")
     ap.add_argument("--results-dir", default=None, help="default: benchmarks/results (a temp dir with --smoke)")
     ap.add_argument("--fidelity", action="store_true", help="the shipped DiT's fidelity instead of kernel timings")
@@ -239,12 +294,13 @@ def main() -> None:
     for name, shape in cases.items():
         print(f"{name}: B={shape[0]} H={shape[1]} Nq={shape[2]} Nk={shape[3]} D={shape[4]}", flush=True)
         try:
-            run_case(name, shape, dev, args.smoke, rows)
+            run_case(name, shape, dev, args.smoke, args.sweep, rows)
         except Exception as e:  # noqa: BLE001 - one failing shape must not end the run
             traceback.print_exc()
             rows.append({"case": name, "variant": "dmq-int8", "error": f"{type(e).__name__}: {str(e)[:300]}"})
         if dev == "cuda":
             torch.cuda.empty_cache()
+    summary(rows)
     results_dir = Path(args.results_dir) if args.results_dir else (
         Path(os.environ.get("TMPDIR", "/tmp")) if args.smoke else RESULTS_DIR)
     name = "attention-smoke" if args.smoke else f"attention-{slug(device_name())}"
