@@ -13,7 +13,8 @@ MMA accumulates with limited precision).
 
 :func:`quantize_qkv` gives the codes in the padded layout the Triton kernel reads (bit for bit the Triton
 pre-kernel's output); :func:`int8_attention` computes attention from them with key blocks of :data:`BLOCK_N` or
-128 (the online softmax depends on the block size through the fp8 rounding of ``P̃``; the GPU autotuner chooses). The fidelity reference is ``torch.nn.functional.scaled_dot_product_attention`` in 16 bits.
+128 (the online softmax depends on the block size through the fp8 rounding of ``P̃``; the GPU autotuner chooses).
+The fidelity reference is ``torch.nn.functional.scaled_dot_product_attention`` in 16 bits.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def _int8_blocks(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def smoothing_vector(k: torch.Tensor) -> torch.Tensor:
-    """K ``(B, H, N, D)`` → fp32 ``(B, H, D)``: the mean of the tokens ``⌊i·N / K_SAMPLES⌋``, i < K_SAMPLES (repeats
-    when N < K_SAMPLES), summed one token after another from i = 0 in fp32, then times 1 / K_SAMPLES (exact)."""
+    """K ``(B, H, N, D)`` → fp32 ``(B, H, D)``: the mean of the tokens ``⌊i·N / K_SAMPLES⌋``, i < K_SAMPLES
+    (repeats when N < K_SAMPLES), summed one token after another from i = 0 in fp32, then times 1 / K_SAMPLES
+    (exact)."""
     n = k.shape[2]
     acc = torch.zeros(k.shape[0], k.shape[1], k.shape[3], dtype=torch.float32, device=k.device)
     for i in range(K_SAMPLES):

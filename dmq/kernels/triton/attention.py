@@ -10,10 +10,10 @@ Under Triton's interpreter fp8 rounding goes through the integer encoder (:func:
 the same bits as the hardware conversion), because in-kernel casts to fp8 are miscomputed there (triton#8322); on the
 GPU it is the hardware cast. Reference: :mod:`dmq.kernels.reference.attention`.
 
-Main loop per key tile (one K scale per tile, so a score costs an integer add, a max, a subtraction, an FMA and an exp2):
+Main loop per key tile (one K scale per tile; a score costs an integer add, a max, a subtraction, an FMA, an exp2):
 ``f = bits(qk + 0x4B400000)`` is ``1.5·2²³ + qk`` as fp32 (exact for |qk| < 2²², always true for int8 codes and
-D ≤ 256; an integer add instead of the quarter-rate int→float conversion, which shares its unit with exp2),
-``P̃·448 = exp2((f - 1.5·2²³)·c - (m - log2 448))`` with ``c = q scale · k scale`` (a subtraction and an FMA);
+D ≤ 256): an integer add instead of an int→float conversion, which has a lower throughput than adds on NVIDIA GPUs
+(not measured separately here); ``P̃·448 = exp2((f - 1.5·2²³)·c - (m - log2 448))``, ``c = q scale · k scale``;
 V's per-channel scales are applied once to the output, so the accumulator update is one FMA per element.
 """
 
