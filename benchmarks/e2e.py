@@ -8,7 +8,8 @@ svdquant-w4a4 with two LoRAs (rank 32 + 16 + 16).
 Every variant runs in its own process (compile and quantization leave state behind) and first re-measures bf16
 eager in that process: rows carry ``ms``, the process's ``anchor_ms`` (bf16 eager), ``ratio_vs_eager`` and
 ``ratio_vs_compiled`` = (bf16-compiled ms / its anchor) ÷ (ms / anchor), so ratios stay comparable across processes.
-A ``+compile`` suffix compiles a variant (``torch.compile``, default mode); ``+cudagraph`` replays the eager step
+A ``+compile`` suffix compiles a variant (``torch.compile``, default mode), ``+rcompile`` compiles its repeated blocks
+(:func:`dmq.compile_blocks`, regional compilation); a final ``+cudagraph`` replays the step
 from a captured CUDA graph (static inputs), which removes the host's per-launch overhead without compiling. Each row also has a per-kind breakdown of GPU kernel time from the
 profiler (``linear_ms``, ``attention_ms``, ``other_ms``), the peak memory of the step, the denoiser's weight bytes,
 the preparation time (quantization / first compiled call) and the Amdahl ceiling of a variant whose linears ran at
@@ -36,8 +37,9 @@ MODELS = ("flux-dev", "pixart-sigma", "sdxl")
 VARIANTS = ("bf16", "bf16-compile", "torchao-fp8", "dmq-fp8", "dmq-w8a8", "dmq-svdquant-w4a4",
             "dmq-svdquant-w4a4-lora")
 _LINEAR_KERNELS = ("gemm", "gemv", "matmul", "cutlass", "xmma", "nvjet", "scaled_mm", "quantize_act", "_int_mm",
-                   "weight_only", "fp8_linear", "dequantize", "splitk", "gemm_int")
-_ATTENTION_KERNELS = ("flash", "fmha", "attention", "sdpa", "softmax")
+                   "weight_only", "fp8_linear", "dequantize", "splitk", "gemm_int", "_token_kernel",
+                   "_group_kernel", "_dequant_kernel", "nvfp4")
+_ATTENTION_KERNELS = ("flash", "fmha", "attention", "sdpa", "softmax", "_attn_kernel", "_quant_kernel")
 
 
 def _median_ms(fn, warmup: int = 2, iters: int = 5) -> float:
@@ -173,8 +175,11 @@ def worker(model_name: str, variant: str, batches: list[int]) -> list[dict]:
         for b in batches:
             anchors[b] = _median_ms(lambda: model(**inputs[b]))
     graphed = variant.endswith("+cudagraph")
-    base = variant.removesuffix("+cudagraph").removesuffix("+compile")
-    compiled = variant.endswith("+compile") or base == "bf16-compile"
+    base = variant.removesuffix("+cudagraph")
+    regional = base.endswith("+rcompile")
+    base = base.removesuffix("+rcompile")
+    compiled = base.endswith("+compile") or base == "bf16-compile"
+    base = base.removesuffix("+compile")
     base = "bf16" if base == "bf16-compile" else base
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -185,6 +190,10 @@ def worker(model_name: str, variant: str, batches: list[int]) -> list[dict]:
     for b in batches:
         with torch.inference_mode():
             t0 = time.perf_counter()
+            if regional and b == batches[0]:
+                from dmq.pipelines.compile import compile_blocks
+
+                note += f"; {len(compile_blocks(model))} blocks compiled (regional)"
             fn_model = torch.compile(model) if compiled else model
             fn_model(**inputs[b])
             if graphed:

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "quantize_pipeline": "dmq.pipelines.quantize",
+    "compile_blocks": "dmq.pipelines.compile",
     "save_quantized": "dmq.serialization",
     "load_quantized": "dmq.serialization",
     "QuantConfig": "dmq.config",
