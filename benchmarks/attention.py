@@ -10,7 +10,8 @@ SD3, PixArt-Σ and SDXL at 1024², all in one process; writes ``benchmarks/resul
 ``--fidelity`` measures the shipped digits DiT with 8-bit attention alone, with svdquant-w4a4, and with both, against
 the fp32 pipeline (PSNR/SSIM, domain-FID; as ``benchmarks/fidelity.py``) → ``results/attention-fidelity-<device>.json``.
 
-Variants per case: ``sdpa-bf16`` (``F.scaled_dot_product_attention`` restricted to the flash backend), ``dmq-int8``
+Variants per case: ``sdpa-bf16`` (``F.scaled_dot_product_attention`` restricted to the flash backend),
+``sdpa-default-bf16`` (the backend PyTorch picks, as inside a diffusers model: cuDNN on the H100), ``dmq-int8``
 (the whole op: quantization pre-kernel and attention kernel; ``config`` is the autotuner's choice), ``abl-quant``
 (the pre-kernel alone), ``abl-attn`` (the attention kernel on ready codes) and, with ``--sweep``, ``sweep-attn`` once
 per config of the attention kernel. Times are ``triton.testing.do_bench`` medians (ms, L2 flushed before each call;
@@ -169,6 +170,8 @@ def run_case(name, shape, dev, smoke, sweep, rows):
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     r_sdpa = record("sdpa-bf16" if not smoke else "sdpa-fp16", sdpa)
+    # PyTorch's own backend choice (cuDNN attention on an H100 with torch 2.11), which diffusers gets in a model
+    r_default = record("sdpa-default-bf16", lambda: F.scaled_dot_product_attention(q, k, v)) if not smoke else {}
 
     dmq = lambda: tri.int8_attention(q, k, v)  # noqa: E731
     extra = {}
@@ -194,6 +197,8 @@ def run_case(name, shape, dev, smoke, sweep, rows):
         row["ratio_vs_sdpa"] = round(r_sdpa["ms"] / row["ms"], 3)
         if "ms_graph" in row and "ms_graph" in r_sdpa:
             row["ratio_vs_sdpa_graph"] = round(r_sdpa["ms_graph"] / row["ms_graph"], 3)
+        if "ms" in r_default:
+            row["ratio_vs_sdpa_default"] = round(r_default["ms"] / row["ms"], 3)
 
     record("abl-quant", lambda: tri.prepare(q, k, v, qk_scale))
     codes = tri.prepare(q, k, v, qk_scale)

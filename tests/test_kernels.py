@@ -321,7 +321,7 @@ def _op_samples():
         (torch.ops.dmq.dequantize_weight.default, (wq, sq, fmt, g, 100, torch.float16)),
         (torch.ops.dmq.fp8_linear.default, (_x(3, 64), w8.qweight, w8.wscales, w8.bias)),
         (torch.ops.dmq.nvfp4_quantize.default, (x, None, rnv.nvfp4_amax(x, None))),
-        (torch.ops.dmq.nvfp4_linear.default, (x, None, None, None, wn, sn, qn.global_scale, None)),
+        (torch.ops.dmq.nvfp4_linear.default, (x, None, None, None, wn, sn, qn.scale2, None)),
     ]
 
 
@@ -357,9 +357,14 @@ def test_fused_linear_compiles_without_graph_breaks():
 
 
 # -- layers through the kernel path --------------------------------------------------------------------------------------
-def _triton_ops():
-    """ops namespace whose functions call the Triton launchers directly (the CPU custom ops use the references)."""
+def _use_triton(monkeypatch) -> None:
+    """Make the layer kernel path call the Triton launchers (the CPU custom ops run the references): the
+    compositions of dmq.kernels.ops take their launchers from ``ops.fast``, the rest from this namespace."""
     from dmq.kernels.triton import fp8 as tfp8
+
+    launchers = {"quantize_act": tq.quantize_act, "gemm_int": tgemm.gemm_int,
+                 "dequantize_weight": two.dequantize_weight}
+    monkeypatch.setattr(ops, "fast", lambda name, x: launchers[name])
 
     def weight_only(x, w, s, fmt, g, bias):     # as the CUDA op: GEMV for M ≤ 16, else dequantize + F.linear
         if x.shape[0] <= two.GEMV_MAX_M:
@@ -367,17 +372,10 @@ def _triton_ops():
         wd = two.dequantize_weight(w, s, fmt, g, x.shape[1], x.dtype)
         return torch.nn.functional.linear(x, wd, bias.to(x.dtype) if bias is not None else None)
 
-    def quantized_linear(x, smooth, pd, pu, w, s, fmt, wg, bias, adt, ag, out_dtype=None):
-        codes, sc, lr = tq.quantize_act(x, smooth, pd, adt, ag, False)
-        has_lr = pd is not None
-        gemm_group = 0 if adt == rq.TWO_LEVEL else ag      # as ops.quantized_linear
-        return tgemm.gemm_int(codes, sc, w, s, fmt, gemm_group, wg, lr if has_lr else None, pu if has_lr else None,
-                              bias, out_dtype or x.dtype)
-
-    return types.SimpleNamespace(quantize_act=tq.quantize_act, gemm_int=tgemm.gemm_int,
-                                 dequantize_weight=two.dequantize_weight, weight_only_linear=weight_only,
-                                 quantized_linear=quantized_linear, fp8_linear=tfp8.fp8_linear,
-                                 nvfp4_linear=tnv.nvfp4_linear)
+    monkeypatch.setattr(klinear, "ops", types.SimpleNamespace(
+        quantize_act=tq.quantize_act, gemm_int=tgemm.gemm_int, dequantize_weight=two.dequantize_weight,
+        weight_only_linear=weight_only, quantized_linear=ops.quantized_linear, fast=ops.fast,
+        fp8_linear=tfp8.fp8_linear, nvfp4_linear=tnv.nvfp4_linear))
 
 
 LAYER_SPECS = {  # preset-like (weight, activation) pairs
@@ -396,7 +394,7 @@ LAYER_SPECS = {  # preset-like (weight, activation) pairs
 def test_quant_linear_kernel_path_matches_layer_reference(name, monkeypatch):
     """Kernel path vs the layer's own reference forward (which rounds dequantized operands to the input dtype):
     within 1% of max |y|."""
-    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    _use_triton(monkeypatch)
     ws, acts = LAYER_SPECS[name]
     torch.manual_seed(0)
     lin = torch.nn.Linear(100, 48).half()
@@ -411,7 +409,7 @@ def test_quant_linear_kernel_path_matches_layer_reference(name, monkeypatch):
 def test_int4_strategies_match(mode, swap, preset, monkeypatch):
     """Every way of feeding int4 weights to the tensor cores (in-kernel unpack in either operand order, or an int8
     workspace) gives the layer's result."""
-    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    _use_triton(monkeypatch)
     monkeypatch.setattr(klinear, "INT4_GEMM", mode)
     monkeypatch.setattr(tgemm, "INT4_SWAP", swap)
     layer = QuantLinear.from_module(torch.nn.Linear(128, 48).half(), *LAYER_SPECS[preset])
@@ -420,7 +418,7 @@ def test_int4_strategies_match(mode, swap, preset, monkeypatch):
 
 
 def test_svdquant_forward_matches_formula(monkeypatch):
-    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    _use_triton(monkeypatch)
     k, n, r = 128, 40, 64                             # rank 32 + two LoRAs of 16
     torch.manual_seed(0)
     layer = QuantLinear.from_module(torch.nn.Linear(k, n).half(), *LAYER_SPECS["w4a4"])
@@ -439,7 +437,7 @@ def test_svdquant_layer_kernel_path_matches_its_reference(rank, preset, monkeypa
     from dmq.kernels import dispatch
 
     assert any(t is svdquant.SVDQuantLinear for t, _, _ in dispatch._KERNELS)
-    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    _use_triton(monkeypatch)
     torch.manual_seed(0)
     k = 128
     lin = torch.nn.Linear(k, 72).half()
@@ -458,7 +456,7 @@ _TWO_LEVEL = QuantSpec("int4", "group", 64, two_level=True)
                                           (_TWO_LEVEL, _TWO_LEVEL)],
                          ids=["int8-token", "int4-g64", "weight-only", "two-level"])
 def test_quant_conv_kernel_path_matches_layer_reference(weights, acts, monkeypatch):
-    monkeypatch.setattr(klinear, "ops", _triton_ops())
+    _use_triton(monkeypatch)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(64, 24, 3, stride=2, padding=1).half()
     layer = QuantConv2d.from_module(conv, weights, acts)

@@ -18,7 +18,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "interpreting", "fixed_config", "next_pow2", "m_bucket", "check", "FLOAT16", "tl_dtype", "bench_fn"]
+__all__ = ["HAS_TRITON", "interpreting", "fixed_config", "next_pow2", "m_bucket", "check", "fold_down", "FLOAT16",
+           "tl_dtype", "bench_fn"]
 
 FLOAT16 = (torch.float16, torch.bfloat16)
 
@@ -42,6 +43,15 @@ def m_bucket(m: int) -> int:
     """Autotune key for the token count: the next power of two, capped at 8192 (a raw M would re-tune on every new
     sequence length)."""
     return min(next_pow2(m), 8192)
+
+
+def fold_down(smooth: torch.Tensor | None, proj_down: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``proj_down (K, R) / smooth (K,)`` in fp32, rounded once to ``dtype``: ``x · fold_down(...)`` is the kernel
+    path's low-rank branch input ``(x / smooth) · proj_down`` as one GEMM on x as it is."""
+    pd = proj_down.float()
+    if smooth is not None:
+        pd = pd / smooth.float()[:, None]
+    return pd.to(dtype)
 
 
 def check(cond: bool, msg: str) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from dmq.formats import padded_channels
 from dmq.kernels import ops
-from dmq.kernels._common import HAS_TRITON
+from dmq.kernels._common import HAS_TRITON, fold_down
 from dmq.kernels.dispatch import register_kernel
 from dmq.kernels.layouts import int4_to_blocked
 from dmq.kernels.reference.quant_act import TWO_LEVEL
@@ -165,17 +165,30 @@ def prepare_model(model: torch.nn.Module) -> int:
     return count
 
 
+def _folded_down(prep: dict[str, Any], smooth: torch.Tensor | None, proj_down: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``proj_down / smooth`` in ``dtype`` (:func:`dmq.kernels._common.fold_down`), cached beside the kernel weight
+    until the branch or the smoothing changes (LoRAs replace proj_down); computed in the graph when compiling."""
+    if torch.compiler.is_compiling():
+        return fold_down(smooth, proj_down, dtype)
+    key = (proj_down.data_ptr(), proj_down._version, dtype,
+           None if smooth is None else (smooth.data_ptr(), smooth._version))
+    cached = prep.get("folded_down")
+    if cached is None or cached[0] != key:
+        cached = prep["folded_down"] = (key, fold_down(smooth, proj_down, dtype))
+    return cached[1]
+
+
 def _int_weight(prep: dict[str, Any], act_group: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
     """The GEMM's weight operand: ``(w, w_format, w_scales, w_group)``. Two-level int4 is expanded to int8
     ``code · sub`` per call (the weight stays resident as 4-bit) and scaled per channel in the epilogue."""
+    expand = ops.fast("dequantize_weight", prep["w"])
     if prep["w_scale2"] is not None:
-        w8 = ops.dequantize_weight(prep["w"], prep["w_scales"], "int4b", prep["w_group"], prep["k_act"],
-                                   torch.int8)
+        w8 = expand(prep["w"], prep["w_scales"], "int4b", prep["w_group"], prep["k_act"], torch.int8)
         return w8, "int8", prep["w_scale2"], 0
     mode = INT4_GEMM if INT4_GEMM != "auto" else ("unpack" if not (act_group or prep["w_group"]) else "int4b")
     if prep["w_format"] == "int4b" and mode == "unpack":
-        w8 = ops.dequantize_weight(prep["w"], prep["w_scales"], "int4b", prep["w_group"], prep["k_act"],
-                                   torch.int8)
+        w8 = expand(prep["w"], prep["w_scales"], "int4b", prep["w_group"], prep["k_act"], torch.int8)
         return w8, "int8", prep["w_scales"], prep["w_group"]
     return prep["w"], prep["w_format"], prep["w_scales"], prep["w_group"]
 
@@ -193,8 +206,9 @@ def linear_forward(layer, x: torch.Tensor, smooth=None, proj_down=None, proj_up=
     if path == "int":
         act_dtype, act_group, gemm_group = _act_args(layer.act_spec)
         w, fmt, w_scales, w_group = _int_weight(prep, gemm_group)
-        y = ops.quantized_linear(x2, smooth, proj_down, proj_up, w, w_scales, fmt, w_group, layer.bias, act_dtype,
-                                 act_group)
+        folded = _folded_down(prep, smooth, proj_down, x2.dtype) if proj_down is not None else None
+        y = ops.quantized_linear(x2, smooth, None, proj_up, w, w_scales, fmt, w_group, layer.bias, act_dtype,
+                                 act_group, folded_down=folded)
     elif path == "weight_only":
         y = ops.weight_only_linear(x2, prep["w"], prep["w_scales"], prep["w_format"], prep["w_group"], layer.bias)
     elif path == "fp8":

@@ -33,14 +33,20 @@ from dmq.kernels.reference import quant_act as _ref_quant
 from dmq.kernels.reference import weight_only as _ref_wo
 
 __all__ = ["quantize_act", "gemm_int", "weight_only_linear", "dequantize_weight", "fp8_linear", "nvfp4_quantize",
-           "nvfp4_linear", "int8_attention", "quantized_linear", "fused_w4a4_lowrank"]
+           "nvfp4_linear", "int8_attention", "quantized_linear", "fused_w4a4_lowrank", "fast"]
+
+
+_MODULES: dict[str, object] = {}
 
 
 def _tk(name: str):
     """The Triton module ``dmq.kernels.triton.<name>``, imported on first CUDA call."""
-    import importlib
+    mod = _MODULES.get(name)
+    if mod is None:
+        import importlib
 
-    return importlib.import_module(f"dmq.kernels.triton.{name}")
+        mod = _MODULES[name] = importlib.import_module(f"dmq.kernels.triton.{name}")
+    return mod
 
 
 # -- quantize_act ------------------------------------------------------------------------------------------------
@@ -197,23 +203,46 @@ def _(q, k, v, scale):
 
 
 # -- compositions ------------------------------------------------------------------------------------------------
+_FAST = {"quantize_act": (quantize_act, "quant_act"), "gemm_int": (gemm_int, "gemm"),
+         "dequantize_weight": (dequantize_weight, "weight_only")}
+
+
+def fast(name: str, x: Tensor):
+    """The custom op ``name`` (``quantize_act``, ``gemm_int`` or ``dequantize_weight``), or, for an eager call on a
+    CUDA tensor ``x``, its Triton launcher itself (the op's CUDA implementation: same signature and results). The
+    dispatcher costs tens of µs of host time per call, which an eager FLUX step pays ~1,300 times
+    (benchmarks/results/host-profile-h100.json); traced calls keep the op, one graph node."""
+    op, module = _FAST[name]
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return getattr(_tk(module), name)
+    return op
+
+
 def quantized_linear(x: Tensor, smooth: Optional[Tensor], proj_down: Optional[Tensor], proj_up: Optional[Tensor],
                      w: Tensor, w_scales: Tensor, w_format: str, w_group: int, bias: Optional[Tensor],
-                     act_dtype: str, act_group: int, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                     act_dtype: str, act_group: int, out_dtype: Optional[torch.dtype] = None,
+                     folded_down: Optional[Tensor] = None) -> Tensor:
     """``y = Q(x/smooth) · Q(W)ᵀ + (x/smooth) · proj_down · proj_up + bias`` as two kernels: activation
     quantization with the down-projection, then the integer GEMM with up-projection and bias in its epilogue.
     x: ``(..., K)`` 16-bit; w in ``w_format`` (``"int4b"``: :func:`dmq.kernels.layouts.int4_to_blocked`, or
     ``"int8"``); act_dtype ``"int4"`` / ``"int8"`` / ``"int4_2l"`` (two-level int4 groups of act_group, multiplied out
-    to int8 and scaled per token); act_group / w_group: 0 (per token / per channel) or a multiple of 64."""
+    to int8 and scaled per token); act_group / w_group: 0 (per token / per channel) or a multiple of 64.
+    folded_down: ``(K, R)`` ``proj_down / smooth`` in x's dtype (:func:`dmq.kernels._common.fold_down`),
+    given instead of proj_down when the caller caches it."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    codes, scales, lowrank = quantize_act(x2, smooth, proj_down, act_dtype, act_group, False)
-    has_lr = proj_down is not None and proj_down.shape[1] > 0
+    if folded_down is not None:   # the branch input from a cached proj_down / smooth: one GEMM, no folding
+        codes, scales, _ = fast("quantize_act", x2)(x2, smooth, None, act_dtype, act_group, False)
+        lowrank = x2 @ folded_down
+        has_lr = folded_down.shape[1] > 0
+    else:
+        codes, scales, lowrank = fast("quantize_act", x2)(x2, smooth, proj_down, act_dtype, act_group, False)
+        has_lr = proj_down is not None and proj_down.shape[1] > 0
     gemm_group = 0 if act_dtype == _ref_quant.TWO_LEVEL else act_group   # two-level: int8 products, per token
-    y = gemm_int(codes, scales, w, w_scales, w_format, gemm_group, w_group, lowrank if has_lr else None,
-                 proj_up if has_lr else None, bias, out_dtype or x.dtype)
+    y = fast("gemm_int", x2)(codes, scales, w, w_scales, w_format, gemm_group, w_group,
+                             lowrank if has_lr else None, proj_up if has_lr else None, bias, out_dtype or x.dtype)
     return y.reshape(*lead, w.shape[0])
 
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from dmq.formats import SUB_MAX, padded_channels
-from dmq.kernels._common import FLOAT16, check, encode_e4m3, fixed_config, next_pow2, rint_small
+from dmq.kernels._common import FLOAT16, check, encode_e4m3, fixed_config, fold_down, next_pow2, rint_small
 from dmq.kernels.reference.quant_act import TWO_LEVEL, act_spec
 
 __all__ = ["quantize_act"]
@@ -195,8 +195,5 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
 
 def _lowrank(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor) -> torch.Tensor:
     """``(x / smooth) · proj_down`` as ``x · (proj_down / smooth)``: one GEMM on x as it is, with the smoothing
-    folded into the (K, R) projection in fp32 and rounded once to x's dtype. (M, R) in x's dtype."""
-    pd = proj_down.float()
-    if smooth is not None:
-        pd = pd / smooth.float()[:, None]
-    return x @ pd.to(x.dtype)
+    folded into the (K, R) projection (:func:`dmq.kernels._common.fold_down`). (M, R) in x's dtype."""
+    return x @ fold_down(smooth, proj_down, x.dtype)
