@@ -107,16 +107,6 @@ def test_quantize_act_codes_equal_formats_quantize(qdtype, group):
     assert torch.equal(view(codes), view(q.codes.reshape(37, -1))) and torch.equal(scales, q.scales)
 
 
-@pytest.mark.parametrize("qdtype,group", [("int8", 0), ("int4_2l", 64)])
-def test_quantize_act_long_rows_use_fewer_rows_per_program(qdtype, group):
-    """Rows longer than 3072 codes are quantized with fewer rows per program (so the second pass stays in L2 on a
-    GPU): still bit-exact."""
-    assert tq._token_bm(6400) == 4 and tq._token_bm(3072) == 16
-    x = _x(5, 6400)
-    got, ref = tq.quantize_act(x, None, None, qdtype, group, False), rq.quantize_act(x, None, None, qdtype, group, False)
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-
-
 def test_two_level_act_codes_are_formats_codes_times_sub_scales():
     """int4_2l delivers dmq.formats' two-level codes multiplied by their integer sub-scales (exact int8) and the
     per-token second-level scale: the GEMM then sees a per-token int8 operand."""

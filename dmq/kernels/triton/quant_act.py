@@ -26,10 +26,6 @@ _TARGET_PROGRAMS = 1024  # enough programs for 132 SMs several times over
 # per-token kernel: rows per program and K step; best of a sweep on the H100 (issue 7: 28 us at 4096x3072, vs 68 us
 # for whole rows held in registers and 103 us for the earlier split-K two-launch version)
 _TOKEN_BM = 16
-# bytes of 16-bit rows one per-token program re-reads in its second pass: kept near what BM = 16 rows of K = 3072
-# hold, so that the second pass still hits L2 at K = 12288 / 15360 (with 16 rows there, 132 programs' rows exceed
-# the H100's 50 MB L2: per-token quantization took 0.138 ms at 4096 x 12288, vs 0.095 ms for the one-pass g64)
-_TOKEN_ROW_BYTES = 16 * 3072 * 2
 _TOKEN_BK = 512
 SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when it is a constexpr
 
@@ -126,14 +122,6 @@ def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, stride_xm, stride_cm,
             _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
 
 
-def _token_bm(kp: int) -> int:
-    """Rows per program of the per-token kernel: _TOKEN_BM, fewer for long rows (a power of two, at least 1)."""
-    bm = _TOKEN_BM
-    while bm > 1 and bm * kp * 2 > _TOKEN_ROW_BYTES:
-        bm //= 2
-    return bm
-
-
 def _split(m: int, kp: int, step: int, bm: int) -> tuple[int, int]:
     """(number of K chunks, chunk length): enough programs to fill the GPU, chunks a multiple of ``step``."""
     steps = -(-kp // step)
@@ -195,11 +183,11 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     else:
         # two-level: kp is a multiple of the group size, and so is bk (both powers of two, bk ≥ group)
         bk = min(_TOKEN_BK, max(next_pow2(kp), 16, group_size)) if not fixed_config() else max(64, group_size)
-        bm = _token_bm(kp)
-        _token_kernel[(triton.cdiv(m, bm),)](x, sm_arg, codes, scales, m, k, kp, x.stride(0), codes.stride(0),
-                                             HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3", QMAX=qmax,
-                                             PACK=bool(pack), TWO_LEVEL_GROUP=int(group_size) if two_level else 0,
-                                             BM=bm, BK=bk, num_warps=8)
+        _token_kernel[(triton.cdiv(m, _TOKEN_BM),)](x, sm_arg, codes, scales, m, k, kp, x.stride(0), codes.stride(0),
+                                                    HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3",
+                                                    QMAX=qmax, PACK=bool(pack),
+                                                    TWO_LEVEL_GROUP=int(group_size) if two_level else 0,
+                                                    BM=_TOKEN_BM, BK=bk, num_warps=8)
     if qdtype == "fp8_e4m3":
         codes = codes.view(torch.float8_e4m3fn)
     return codes, scales, lowrank
