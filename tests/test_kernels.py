@@ -107,6 +107,24 @@ def test_quantize_act_codes_equal_formats_quantize(qdtype, group):
     assert torch.equal(view(codes), view(q.codes.reshape(37, -1))) and torch.equal(scales, q.scales)
 
 
+@pytest.mark.parametrize("qdtype,group", [("int8", 0), ("int4_2l", 64), ("int4", 0)])
+def test_every_per_token_config_is_exact(qdtype, group):
+    """Each autotuning config of the per-token kernel (rows per program, K step, as pruned for the row length)
+    gives the reference's codes and scales bit for bit."""
+    m, k = 9, 700
+    x = _x(m, k)
+    ref = rq.quantize_act(x, None, None, qdtype, group, False)
+    configs = tq._token_prune(tq._TOKEN_CONFIGS, {"KP": ref[0].shape[1]})
+    assert len(configs) >= 4 and all(c.kwargs["BK"] <= 1024 for c in configs)
+    for c in configs:
+        codes, scales = torch.empty_like(ref[0]), torch.empty_like(ref[1])
+        tq._token_kernel[(triton.cdiv(m, c.kwargs["BM"]),)](
+            x, x, codes, scales, m, k, codes.shape[1], 16, x.stride(0), codes.stride(0), HAS_SMOOTH=False,
+            IS_FP8=False, QMAX=float(127 if qdtype == "int8" else 7), PACK=False,
+            TWO_LEVEL_GROUP=group if qdtype == "int4_2l" else 0, **c.kwargs)
+        assert torch.equal(codes, ref[0]) and torch.equal(scales, ref[1]), c
+
+
 def test_two_level_act_codes_are_formats_codes_times_sub_scales():
     """int4_2l delivers dmq.formats' two-level codes multiplied by their integer sub-scales (exact int8) and the
     per-token second-level scale: the GEMM then sees a per-token int8 operand."""

@@ -1,7 +1,7 @@
 """Activation quantization: x is divided by ``smooth`` and quantized to int4 / int8 / fp8 codes; the low-rank
 down-projection ``(x / smooth) · proj_down`` is one cuBLAS GEMM ``x · (proj_down / smooth)``.
 
-Per token, one program owns 16 whole rows and makes two passes over them (row maxima, then codes; the second read
+Per token, one program owns a few whole rows (autotuned) and makes two passes over them (row maxima, then codes; the second read
 mostly hits L2), one launch; two-level int4 groups go through it too (their second-level scale is per token). Per
 group, the grid is 2-D, (row blocks) × (K chunks), so
 that a few thousand tokens still fill the GPU. An in-kernel down-projection (a 16-row MMA per K step) cost 3-5x the
@@ -16,17 +16,21 @@ import triton
 import triton.language as tl
 
 from dmq.formats import SUB_MAX, padded_channels
-from dmq.kernels._common import FLOAT16, check, encode_e4m3, fixed_config, fold_down, next_pow2, rint_small
+from dmq.kernels._common import (FLOAT16, bench_fn, check, encode_e4m3, fixed_config, fold_down, m_bucket, next_pow2,
+                                rint_small)
 from dmq.kernels.reference.quant_act import TWO_LEVEL, act_spec
 
 __all__ = ["quantize_act"]
 
 _BM = 32                 # rows per program of the group kernel
 _TARGET_PROGRAMS = 1024  # enough programs for 132 SMs several times over
-# per-token kernel: rows per program and K step; best of a sweep on the H100 (issue 7: 28 us at 4096x3072, vs 68 us
-# for whole rows held in registers and 103 us for the earlier split-K two-launch version)
-_TOKEN_BM = 16
-_TOKEN_BK = 512
+# per-token kernel: autotuned over rows per program and K step, keyed on K and the bucketed M. 16 x 512 with 8 warps
+# was the best of a sweep at 4096 x 3072 on the H100 (28 us, vs 68 us for whole rows held in registers and 103 us for
+# an earlier split-K two-launch version); but 16 rows give a 4096-token layer only 256 programs that walk K twice, and
+# at K = 12288 that took 0.14 ms vs 0.095 ms for the one-pass group kernel (issue 7, kernels-h100.json)
+_TOKEN_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=w)
+                  for bm, bk, w in ((16, 512, 8), (8, 1024, 8), (4, 2048, 8), (8, 512, 4), (4, 1024, 4), (2, 2048, 4))]
+_TOKEN_BM = 16           # the interpreter's fixed config (no autotuning there)
 SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when it is a constexpr
 
 
@@ -97,8 +101,8 @@ def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_
         _store_codes(xs, tl.where(s > 0, s, 1.0), c_ptr, rm, k0, M, KP, stride_cm, False, QMAX, PACK, BM, GROUP)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, stride_xm, stride_cm,
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, stride_cm,
                   HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
                   TWO_LEVEL_GROUP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """Per-token scale = amax / qmax (fp32) and codes of BM whole rows: a max pass, then a quantization pass (its
@@ -120,6 +124,25 @@ def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, stride_xm, stride_cm,
             _store_two_level(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BK)
         else:
             _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
+
+
+def _token_prune(configs, named_args, **kwargs):
+    """Configs whose K step fits the row: BK lowered to the row's padded length (a power of two, at least 64, so a
+    two-level group always fits), duplicates dropped."""
+    bk_max = max(next_pow2(named_args["KP"]), 64)
+    seen, out = set(), []
+    for c in configs:
+        bk = min(c.kwargs["BK"], bk_max)
+        key = (c.kwargs["BM"], bk, c.num_warps)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config({"BM": c.kwargs["BM"], "BK": bk}, num_warps=c.num_warps))
+    return out
+
+
+_token_tuned = triton.autotune(_TOKEN_CONFIGS, key=["KP", "M_BUCKET", "TWO_LEVEL_GROUP", "IS_FP8", "PACK",
+                                                    "HAS_SMOOTH"],
+                               prune_configs_by={"early_config_prune": _token_prune}, do_bench=bench_fn)(_token_kernel)
 
 
 def _split(m: int, kp: int, step: int, bm: int) -> tuple[int, int]:
@@ -182,12 +205,14 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
                                                     num_warps=4)
     else:
         # two-level: kp is a multiple of the group size, and so is bk (both powers of two, bk ≥ group)
-        bk = min(_TOKEN_BK, max(next_pow2(kp), 16, group_size)) if not fixed_config() else max(64, group_size)
-        _token_kernel[(triton.cdiv(m, _TOKEN_BM),)](x, sm_arg, codes, scales, m, k, kp, x.stride(0), codes.stride(0),
-                                                    HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3",
-                                                    QMAX=qmax, PACK=bool(pack),
-                                                    TWO_LEVEL_GROUP=int(group_size) if two_level else 0,
-                                                    BM=_TOKEN_BM, BK=bk, num_warps=8)
+        args = (x, sm_arg, codes, scales, m, k, kp, m_bucket(m), x.stride(0), codes.stride(0))
+        meta = dict(HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3", QMAX=qmax, PACK=bool(pack),
+                    TWO_LEVEL_GROUP=int(group_size) if two_level else 0)
+        if fixed_config():
+            _token_kernel[(triton.cdiv(m, _TOKEN_BM),)](*args, **meta, BM=_TOKEN_BM, BK=max(64, group_size),
+                                                        num_warps=8)
+        else:
+            _token_tuned[lambda c: (triton.cdiv(m, c["BM"]),)](*args, **meta)
     if qdtype == "fp8_e4m3":
         codes = codes.view(torch.float8_e4m3fn)
     return codes, scales, lowrank
