@@ -185,10 +185,13 @@ def run_case(name, shape, dev, smoke, sweep, rows):
         extra["cos_vs_ref"] = round(cos(o, o_ref), 6)
         extra["maxdiff_vs_ref"] = float((o.float() - o_ref.float()).abs().max())
         del o_ref
-        codes = zip(tri.quantize_qkv(q, k, v, qk_scale), ref.quantize_qkv(q, k, v, qk_scale), strict=True)
-        extra["codes_bit_exact"] = all(torch.equal(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x,
-                                                   y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y)
-                                       for x, y in codes)
+        names = ("q_codes", "q_scales", "k_codes", "k_scales", "v_codes", "v_scales")
+        codes = zip(names, tri.quantize_qkv(q, k, v, qk_scale), ref.quantize_qkv(q, k, v, qk_scale), strict=True)
+        differ = [n for n, x, y in codes if not torch.equal(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn
+                                                            else x, y.view(torch.uint8)
+                                                            if y.dtype == torch.float8_e4m3fn else y)]
+        extra["codes_bit_exact"] = not differ
+        extra["codes_differ"] = ",".join(differ)
     except Exception as e:  # noqa: BLE001
         extra["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc()

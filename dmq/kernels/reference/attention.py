@@ -58,7 +58,8 @@ def _int8_blocks(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]
     """x fp32 (BH, N, D), N a multiple of blk → int8 codes (BH, N, D), fp32 scales (BH, N/blk) = amax / 127."""
     bh, n, d = x.shape
     xb = x.reshape(bh, n // blk, blk * d)
-    s = xb.abs().amax(dim=-1) / 127.0   # a division, not a multiply by 1/127 (the kernel's div_rn)
+    amax = xb.abs().amax(dim=-1)
+    s = amax / torch.full_like(amax, 127.0)   # a tensor divisor: IEEE division on CUDA too (the kernel's div_rn)
     codes = torch.round(xb / torch.where(s > 0, s, 1.0)[..., None]).clamp_(-127, 127)
     return codes.to(torch.int8).reshape(bh, n, d), s
 
@@ -100,7 +101,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: fl
     q_codes, q_scales = _int8_blocks(qf, BLOCK_Q)
     k_codes, k_scales = _int8_blocks(kf, BLOCK_K)
     vf = _flat_padded(v, nkp, dp)
-    v_scales = vf.abs().amax(dim=1) / P_SCALE
+    v_amax = vf.abs().amax(dim=1)
+    v_scales = v_amax / torch.full_like(v_amax, P_SCALE)   # (CUDA turns "/ python float" into "* reciprocal")
     vq = (vf / torch.where(v_scales > 0, v_scales, 1.0)[:, None, :]).clamp_(-P_SCALE, P_SCALE)
     v_codes_t = vq.to(torch.float8_e4m3fn).transpose(1, 2).contiguous()
     return q_codes, q_scales, k_codes, k_scales, v_codes_t, v_scales
