@@ -5,6 +5,7 @@ on a GPU and in Triton's CPU interpreter, where in-kernel casts to fp8 / bf16 ar
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -54,10 +55,12 @@ def fold_down(smooth: torch.Tensor | None, proj_down: torch.Tensor, dtype: torch
     return pd.to(dtype)
 
 
-def check(cond: bool, msg: str) -> None:
-    """Input validation that survives ``python -O`` (unlike assert)."""
+def check(cond: bool, msg: str | Callable[[], str]) -> None:
+    """Input validation that survives ``python -O`` (unlike assert). ``msg`` may be a function that builds the
+    message only on failure: the launchers run ~1,300 times per FLUX step, and formatting their messages eagerly was
+    a visible part of the host time (benchmarks/results/host-profile-h100.json)."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 def bench_fn(fn, quantiles):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dmq.formats import QuantSpec, pack_nibbles, padded_channels, quantize, unpack_int4
@@ -12,6 +14,7 @@ TWO_LEVEL = "int4_2l"   # two-level int4 groups (see QuantSpec.two_level), deliv
 _ACT_DTYPES = ("int4", "int8", "fp8_e4m3", TWO_LEVEL)
 
 
+@functools.lru_cache(maxsize=64)   # called per quantize_act call; the spec is a frozen value
 def act_spec(qdtype: str, group_size: int) -> QuantSpec:
     if qdtype not in _ACT_DTYPES:
         raise ValueError(f"activation dtype must be one of {_ACT_DTYPES}, got {qdtype!r}")

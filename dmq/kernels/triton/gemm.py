@@ -270,46 +270,51 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
     module default :data:`INT4_SWAP` (int4b weights only)."""
     if swap is None:
         swap = INT4_SWAP and w_format == "int4b"
-    check(a.dim() == 2 and a.dtype == torch.int8, f"a must be int8 (M, K) codes, got {a.dtype} {tuple(a.shape)}")
+    check(a.dim() == 2 and a.dtype == torch.int8,
+          lambda: f"a must be int8 (M, K) codes, got {a.dtype} {tuple(a.shape)}")
     check(a.stride(1) == 1, "a must be contiguous along K")
-    check(w_format in ("int8", "int4b"), f"w_format must be 'int8' or 'int4b', got {w_format!r}")
-    check(out_dtype in FLOAT16, f"out_dtype must be float16 or bfloat16, got {out_dtype}")
+    check(w_format in ("int8", "int4b"), lambda: f"w_format must be 'int8' or 'int4b', got {w_format!r}")
+    check(out_dtype in FLOAT16, lambda: f"out_dtype must be float16 or bfloat16, got {out_dtype}")
     m, k = a.shape
     n = w.shape[0]
     check(w.dim() == 2 and w.stride(1) == 1, "w must be a K-contiguous (N, ...) matrix")
     if w_format == "int8":
-        check(w.dtype == torch.int8, f"int8 weights must be int8, got {w.dtype}")
-        check(w.shape[1] >= k, f"weight has {w.shape[1]} K columns, activations {k}")
+        check(w.dtype == torch.int8, lambda: f"int8 weights must be int8, got {w.dtype}")
+        check(w.shape[1] >= k, lambda: f"weight has {w.shape[1]} K columns, activations {k}")
         kw = w.shape[1]
     else:
-        check(w.dtype == torch.uint8, f"int4b weights must be uint8, got {w.dtype}")
-        check(w.shape[1] * 2 >= blocked_kb(k), f"int4b weight holds {w.shape[1] * 2} codes per row, need "
-                                               f"{blocked_kb(k)} for K={k} (see dmq.kernels.layouts)")
+        check(w.dtype == torch.uint8, lambda: f"int4b weights must be uint8, got {w.dtype}")
+        check(w.shape[1] * 2 >= blocked_kb(k),
+              lambda: f"int4b weight holds {w.shape[1] * 2} codes per row, need "
+                      f"{blocked_kb(k)} for K={k} (see dmq.kernels.layouts)")
         kw = w.shape[1] * 2
     for name, g in (("a_group", a_group), ("w_group", w_group)):
-        check(g >= 0 and g % 64 == 0, f"{name} must be 0 (per row/column) or a multiple of 64 for the Triton GEMM "
-                                      f"(the K-half of a tile), got {g}; use the reference for finer groups")
+        check(g >= 0 and g % 64 == 0,
+              lambda: f"{name} must be 0 (per row/column) or a multiple of 64 for the Triton GEMM "
+                      f"(the K-half of a tile), got {g}; use the reference for finer groups")
     if a_group:
-        check(a_scales.shape == (m, -(-k // a_group)), f"a_scales must be ({m}, {-(-k // a_group)}), got "
-                                                       f"{tuple(a_scales.shape)}")
+        check(a_scales.shape == (m, -(-k // a_group)),
+              lambda: f"a_scales must be ({m}, {-(-k // a_group)}), got "
+                      f"{tuple(a_scales.shape)}")
     else:
-        check(a_scales.shape == (m,), f"a_scales must be ({m},), got {tuple(a_scales.shape)}")
+        check(a_scales.shape == (m,), lambda: f"a_scales must be ({m},), got {tuple(a_scales.shape)}")
     if w_group:
         check(w_scales.dim() == 2 and w_scales.shape[0] == n and w_scales.shape[1] >= -(-k // w_group),
-              f"w_scales must be ({n}, ≥{-(-k // w_group)}), got {tuple(w_scales.shape)}")
+              lambda: f"w_scales must be ({n}, ≥{-(-k // w_group)}), got {tuple(w_scales.shape)}")
     else:
-        check(w_scales.shape == (n,), f"w_scales must be ({n},), got {tuple(w_scales.shape)}")
+        check(w_scales.shape == (n,), lambda: f"w_scales must be ({n},), got {tuple(w_scales.shape)}")
     r = 0
     if lowrank is not None and lowrank.shape[1] > 0:
         r = lowrank.shape[1]
-        check(proj_up is not None and proj_up.shape == (r, n), f"proj_up must be ({r}, {n})")
+        check(proj_up is not None and proj_up.shape == (r, n), lambda: f"proj_up must be ({r}, {n})")
         check(lowrank.dtype == proj_up.dtype and lowrank.dtype in FLOAT16, "lowrank and proj_up must share a "
                                                                            "16-bit dtype")
-        check(lowrank.shape[0] == m and r <= 256, f"lowrank must be ({m}, R ≤ 256), got {tuple(lowrank.shape)}")
+        check(lowrank.shape[0] == m and r <= 256,
+              lambda: f"lowrank must be ({m}, R ≤ 256), got {tuple(lowrank.shape)}")
         lowrank = lowrank if lowrank.stride(1) == 1 else lowrank.contiguous()
         proj_up = proj_up if proj_up.stride(1) == 1 else proj_up.contiguous()
     if bias is not None:
-        check(bias.shape == (n,), f"bias must be ({n},), got {tuple(bias.shape)}")
+        check(bias.shape == (n,), lambda: f"bias must be ({n},), got {tuple(bias.shape)}")
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out

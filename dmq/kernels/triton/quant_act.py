@@ -1,12 +1,11 @@
 """Activation quantization: x is divided by ``smooth`` and quantized to int4 / int8 / fp8 codes; the low-rank
 down-projection ``(x / smooth) · proj_down`` is one cuBLAS GEMM ``x · (proj_down / smooth)``.
 
-Per token, one program owns a few whole rows (autotuned) and makes two passes over them (row maxima, then codes; the second read
-mostly hits L2), one launch; two-level int4 groups go through it too (their second-level scale is per token). Per
-group, the grid is 2-D, (row blocks) × (K chunks), so
-that a few thousand tokens still fill the GPU. An in-kernel down-projection (a 16-row MMA per K step) cost 3-5x the
-quantization itself on the H100 (issue 7 measurements), hence cuBLAS. Reference:
-:mod:`dmq.kernels.reference.quant_act`.
+Per token, one program owns a few whole rows (autotuned) and makes two passes over them (row maxima, then codes;
+the second read mostly hits L2), one launch; two-level int4 groups go through it too (their second-level scale is
+per token). Per group, the grid is 2-D, (row blocks) × (K chunks), so that a few thousand tokens still fill the GPU.
+An in-kernel down-projection (a 16-row MMA per K step) cost 3-5x the quantization itself on the H100 (issue 7
+measurements), hence cuBLAS. Reference: :mod:`dmq.kernels.reference.quant_act`.
 """
 
 from __future__ import annotations
@@ -81,7 +80,8 @@ def _store_two_level(xs, s2_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX: tl.const
     q = rint_small(tl.minimum(tl.maximum(y, -QMAX - 1.0), QMAX)).to(tl.int32)
     out = tl.reshape(q * sub.to(tl.int32)[:, :, None], (BM, BK))
     rk = k0 + tl.arange(0, BK)
-    tl.store(c_ptr + rm[:, None] * stride_cm + rk[None, :], out.to(tl.int8), mask=(rm[:, None] < M) & (rk[None, :] < KP))
+    tl.store(c_ptr + rm[:, None] * stride_cm + rk[None, :], out.to(tl.int8),
+             mask=(rm[:, None] < M) & (rk[None, :] < KP))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -163,21 +163,22 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     :func:`_lowrank`)."""
     spec = act_spec(qdtype, group_size)
     two_level = qdtype == TWO_LEVEL
-    check(x.dim() == 2, f"x must be (M, K), got {tuple(x.shape)}")
-    check(x.dtype in FLOAT16, f"x must be float16 or bfloat16, got {x.dtype}")
+    check(x.dim() == 2, lambda: f"x must be (M, K), got {tuple(x.shape)}")
+    check(x.dtype in FLOAT16, lambda: f"x must be float16 or bfloat16, got {x.dtype}")
     check(x.stride(-1) == 1, "x must be contiguous along K")
     check(pack is False or qdtype == "int4", "pack=True is only meaningful for int4 codes")
     m, k = x.shape
     if smooth is not None:
-        check(smooth.shape == (k,), f"smooth must be ({k},), got {tuple(smooth.shape)}")
+        check(smooth.shape == (k,), lambda: f"smooth must be ({k},), got {tuple(smooth.shape)}")
         smooth = smooth.contiguous()
     r = 0
     if proj_down is not None:
-        check(proj_down.dim() == 2 and proj_down.shape[0] == k, f"proj_down must be ({k}, R), got "
-                                                                f"{tuple(proj_down.shape)}")
-        check(proj_down.dtype in FLOAT16, f"proj_down must be 16-bit, got {proj_down.dtype}")
+        check(proj_down.dim() == 2 and proj_down.shape[0] == k,
+              lambda: f"proj_down must be ({k}, R), got "
+                      f"{tuple(proj_down.shape)}")
+        check(proj_down.dtype in FLOAT16, lambda: f"proj_down must be 16-bit, got {proj_down.dtype}")
         r = proj_down.shape[1]
-        check(r <= 256, f"low-rank branch rank must be ≤ 256 for the fused kernel, got {r}")
+        check(r <= 256, lambda: f"low-rank branch rank must be ≤ 256 for the fused kernel, got {r}")
         proj_down = proj_down if proj_down.stride(1) == 1 else proj_down.contiguous()
     kp = padded_channels(spec, k)
     dev = x.device

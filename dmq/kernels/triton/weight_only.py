@@ -190,28 +190,28 @@ def _gemv_tuned(bm: int):
 
 def _check_weight(w: torch.Tensor, w_scales: torch.Tensor, w_format: str, w_group: int, k: int) -> int:
     """Validate; returns the number of codes per weight row the kernel may read (KW)."""
-    check(w_format in WEIGHT_FORMATS, f"w_format must be one of {WEIGHT_FORMATS}, got {w_format!r}")
+    check(w_format in WEIGHT_FORMATS, lambda: f"w_format must be one of {WEIGHT_FORMATS}, got {w_format!r}")
     check(w.dim() == 2 and w.stride(1) == 1, "w must be a K-contiguous (N, ...) matrix")
     n = w.shape[0]
     if w_format == "int4b":
         check(w.dtype == torch.uint8 and w.shape[1] * 2 >= blocked_kb(k),
-              f"int4b weight must be uint8 (N, ≥{blocked_kb(k) // 2}), got {w.dtype} {tuple(w.shape)}")
+              lambda: f"int4b weight must be uint8 (N, ≥{blocked_kb(k) // 2}), got {w.dtype} {tuple(w.shape)}")
         kw = w.shape[1] * 2
     elif w_format == "int8":
-        check(w.dtype == torch.int8 and w.shape[1] >= k, f"int8 weight must be int8 (N, ≥{k})")
+        check(w.dtype == torch.int8 and w.shape[1] >= k, lambda: f"int8 weight must be int8 (N, ≥{k})")
         kw = w.shape[1]
     else:
-        check(w.dtype == torch.uint8 and w.shape[1] * 2 >= k, f"fp4 weight must be uint8 (N, ≥{-(-k // 2)})")
+        check(w.dtype == torch.uint8 and w.shape[1] * 2 >= k, lambda: f"fp4 weight must be uint8 (N, ≥{-(-k // 2)})")
         check(w_group == 16 and w_scales.dtype in (torch.float8_e4m3fn, torch.uint8),
               "fp4 weights need group 16 and fp8 e4m3 scales")
         kw = w.shape[1] * 2
     if w_format != "fp4":
-        check(w_group == 0 or w_group % 64 == 0, f"w_group must be 0 or a multiple of 64, got {w_group}")
+        check(w_group == 0 or w_group % 64 == 0, lambda: f"w_group must be 0 or a multiple of 64, got {w_group}")
     if w_group:
         check(w_scales.dim() == 2 and w_scales.shape[0] == n and w_scales.shape[1] >= -(-k // w_group),
-              f"w_scales must be ({n}, ≥{-(-k // w_group)}), got {tuple(w_scales.shape)}")
+              lambda: f"w_scales must be ({n}, ≥{-(-k // w_group)}), got {tuple(w_scales.shape)}")
     else:
-        check(w_scales.shape == (n,), f"w_scales must be ({n},), got {tuple(w_scales.shape)}")
+        check(w_scales.shape == (n,), lambda: f"w_scales must be ({n},), got {tuple(w_scales.shape)}")
     return kw
 
 
@@ -224,14 +224,14 @@ def weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
     """Triton GEMV for ``M ≤ 16`` (same signature as the reference); larger M raises (use
     :func:`dequantize_weight` + a 16-bit GEMM, as :mod:`dmq.kernels.ops` does)."""
-    check(x.dim() == 2 and x.dtype in FLOAT16, f"x must be 16-bit (M, K), got {x.dtype} {tuple(x.shape)}")
+    check(x.dim() == 2 and x.dtype in FLOAT16, lambda: f"x must be 16-bit (M, K), got {x.dtype} {tuple(x.shape)}")
     check(x.stride(1) == 1, "x must be contiguous along K")
     m, k = x.shape
-    check(m <= GEMV_MAX_M, f"the GEMV kernel takes M ≤ {GEMV_MAX_M}, got {m}")
+    check(m <= GEMV_MAX_M, lambda: f"the GEMV kernel takes M ≤ {GEMV_MAX_M}, got {m}")
     kw = _check_weight(w, w_scales, w_format, w_group, k)
     n = w.shape[0]
     if bias is not None:
-        check(bias.shape == (n,), f"bias must be ({n},)")
+        check(bias.shape == (n,), lambda: f"bias must be ({n},)")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -263,7 +263,7 @@ def dequantize_weight(w: torch.Tensor, w_scales: torch.Tensor, w_format: str, w_
     """Triton launcher; same signature and results as :func:`dmq.kernels.reference.weight_only.dequantize_weight`
     (exact: one fp32 product, one rounding)."""
     kw = _check_weight(w, w_scales, w_format, w_group, k)
-    check(out_dtype in FLOAT16 + (torch.int8,), f"out_dtype must be 16-bit or int8, got {out_dtype}")
+    check(out_dtype in FLOAT16 + (torch.int8,), lambda: f"out_dtype must be 16-bit or int8, got {out_dtype}")
     check(out_dtype != torch.int8 or w_format != "fp4", "fp4 codes have no int8 form")
     int_sub = w_scales.dtype == torch.uint8 and w_format != "fp4"   # fp4 scales may come as uint8 bits
     check(not int_sub or (out_dtype == torch.int8 and w_format == "int4b" and w_group > 0),
