@@ -156,3 +156,28 @@ def test_compile_blocks_compiles_each_repeated_block_once_per_class(family, bloc
 def test_compile_blocks_needs_repeated_blocks():
     with pytest.raises(dmq.ConfigError, match="no repeated blocks"):
         dmq.compile_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_compiled_blocks_with_8bit_attention_do_not_recompile(family, monkeypatch):
+    """8-bit attention hooks inside compiled blocks: the output equals eager and later calls compile nothing new
+    (the hooks' call counters once made every call recompile). FLUX's processor still breaks the graph where it
+    calls ``Tensor.unflatten`` under the hook's TorchFunctionMode, so only PixArt-Σ stays one graph per block."""
+    from dmq.kernels import linear as klinear
+    from dmq.methods.attention import enable_quantized_attention
+
+    monkeypatch.setattr(klinear, "_gpu_ok", lambda x: True)
+    pipe = dmq.quantize_pipeline(build_pipeline(family), "svdquant-w4a4-2l", progress=False)
+    model = get_denoiser(pipe)
+    enable_quantized_attention(model)
+    inputs = denoiser_inputs(pipe, family, 500.0)
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        backend = CountingBackend()
+        names = dmq.compile_blocks(model, backend=backend)
+        assert torch.equal(model(**inputs)[0], ref)
+        graphs = backend.graphs
+        assert torch.equal(model(**inputs)[0], ref) and torch.equal(model(**inputs)[0], ref)
+    assert backend.graphs == graphs
+    if family == "pixart":
+        assert graphs == len(names)

@@ -76,17 +76,22 @@ class _QuantizedSDPA(TorchFunctionMode):
         from dmq.kernels.ops import int8_attention
 
         q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_args(*args, **kwargs)
+        # the counters count eager calls only: a Python int changed inside a compiled region is a guard that fails
+        # on the next call, and every call recompiled the block (seen on PixArt-Σ, SD3 and FLUX blocks)
+        counting = not torch.compiler.is_compiling()
         if not _supported(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa):
-            self.hook.fallback += 1
+            if counting:
+                self.hook.fallback += 1
             return func(*args, **kwargs)
-        self.hook.quantized += 1
+        if counting:
+            self.hook.quantized += 1
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return int8_attention(q, k, v, scale)
 
 
 class Int8AttentionHook(ModelHook):
     """Runs one attention module with 8-bit SDPA. ``quantized`` / ``fallback``: SDPA calls served by the kernel /
-    left to PyTorch since the hook was installed."""
+    left to PyTorch since the hook was installed, in eager runs (compiled calls are not counted)."""
 
     _is_stateful = False
 
