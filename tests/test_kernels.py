@@ -435,6 +435,19 @@ def test_int4_strategies_match(mode, swap, preset, monkeypatch):
     _close(klinear.linear_forward(layer, x), layer.reference_forward(x), tol=1e-2)
 
 
+def test_kernel_path_serves_layers_quantized_in_inference_mode(monkeypatch):
+    """Layers built and run under torch.inference_mode() (tensors without version counters) take the kernel path:
+    the kernel-layout caches key inference tensors by storage alone."""
+    _use_triton(monkeypatch)
+    with torch.inference_mode():
+        lin = torch.nn.Linear(128, 48).half()
+        layer = QuantLinear.from_module(lin, *LAYER_SPECS["w4a4-2l"])
+        layer.set_branch((torch.randn(128, 16) / 8).half(), (torch.randn(16, 48) / 8).half())
+        x = _x(37, 128)
+        _close(klinear.svdquant_forward(layer, x), layer.reference_forward(x), tol=1e-2)
+        assert klinear.svdquant_forward(layer, x).shape == (37, 48)   # cached layouts reused
+
+
 def test_svdquant_forward_matches_formula(monkeypatch):
     _use_triton(monkeypatch)
     k, n, r = 128, 40, 64                             # rank 32 + two LoRAs of 16

@@ -126,11 +126,17 @@ def _k_act(layer) -> int:
     return layer.taps * padded_channels(layer.act_spec, layer.channels)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter of ``t``; 0 for tensors made under ``torch.inference_mode()``, which keep
+    none (a model quantized inside inference mode is keyed by storage alone)."""
+    return 0 if t.is_inference() else t._version
+
+
 def prepare(layer) -> dict[str, Any]:
     """Convert the layer's stored weight to the kernel layout once (cached on the layer; recomputed when the
     device changes or, outside torch.compile, when ``qweight`` is replaced or modified in place)."""
     qw = layer.qweight
-    key = (qw.device, qw.data_ptr(), qw._version) if not torch.compiler.is_compiling() else None
+    key = (qw.device, qw.data_ptr(), _version(qw)) if not torch.compiler.is_compiling() else None
     cache = layer.__dict__.get(_CACHE_ATTR)
     if cache is not None and (key is None or cache["key"] == key):
         return cache
@@ -171,8 +177,8 @@ def _folded_down(prep: dict[str, Any], smooth: torch.Tensor | None, proj_down: t
     until the branch or the smoothing changes (LoRAs replace proj_down); computed in the graph when compiling."""
     if torch.compiler.is_compiling():
         return fold_down(smooth, proj_down, dtype)
-    key = (proj_down.data_ptr(), proj_down._version, dtype,
-           None if smooth is None else (smooth.data_ptr(), smooth._version))
+    key = (proj_down.data_ptr(), _version(proj_down), dtype,
+           None if smooth is None else (smooth.data_ptr(), _version(smooth)))
     cached = prep.get("folded_down")
     if cached is None or cached[0] != key:
         cached = prep["folded_down"] = (key, fold_down(smooth, proj_down, dtype))
