@@ -153,9 +153,11 @@ def test_compile_blocks_compiles_each_repeated_block_once_per_class(family, bloc
     assert 0 < graphs <= 2 * len(blocks) and backend.graphs == graphs   # nothing recompiles on the second call
 
 
-def test_compile_blocks_needs_repeated_blocks():
+def test_compile_blocks_needs_a_module_with_repeated_blocks():
     with pytest.raises(dmq.ConfigError, match="no repeated blocks"):
         dmq.compile_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    with pytest.raises(dmq.ConfigError, match="pipe.transformer or pipe.unet"):
+        dmq.compile_blocks(build_pipeline("pixart"))
 
 
 @pytest.mark.parametrize("family", ["pixart", "flux"])

@@ -54,6 +54,9 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> list[str]:
     compiled modules; ConfigError when the model has no repeated block."""
     from dmq.kernels.linear import prepare_model
 
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"compile_blocks takes the denoiser module (pipe.transformer or pipe.unet), got "
+                          f"{type(model).__name__}")
     prepare_model(model)
     classes = repeated_block_classes(model)
     names = [name for name, m in model.named_modules() if type(m).__name__ in classes]
