@@ -186,12 +186,16 @@ def _bench(args: argparse.Namespace) -> int:
     quant = getattr(pipe, denoiser_name(pipe))
     if args.compile:
         fp, quant = torch.compile(fp), torch.compile(quant)
+    elif args.compile_blocks:
+        dmq.compile_blocks(fp)
+        dmq.compile_blocks(quant)
     device = next(quant.parameters()).device
     ms_fp = time_forward(fp, *inputs, warmup=args.warmup, iters=args.iters)
     ms_q = time_forward(quant, *inputs, warmup=args.warmup, iters=args.iters)
     dtype = next(fp.parameters()).dtype
     label = f"{type(quant).__name__} forward, batch {args.batch_size}, {device}, {str(dtype).removeprefix('torch.')}"
-    print(f"{args.model} · {label}{' · torch.compile' if args.compile else ''} (median of {args.iters})")
+    mode = " · torch.compile" if args.compile else " · dmq.compile_blocks" if args.compile_blocks else ""
+    print(f"{args.model} · {label}{mode} (median of {args.iters})")
     print(f"  float       {ms_fp:10.3f} ms")
     print(f"  {args.preset:<11} {ms_q:10.3f} ms   ratio {ms_q / ms_fp:.3f}× float")
     if device.type != "cuda":
@@ -209,7 +213,10 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward (before CFG)")
     p.add_argument("--iters", type=_positive_int, default=10, help="timed forwards")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards first")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models first")
+    compile_mode = p.add_mutually_exclusive_group()
+    compile_mode.add_argument("--compile", action="store_true", help="torch.compile both models first")
+    compile_mode.add_argument("--compile-blocks", action="store_true",
+                              help="compile the repeated blocks of both models first (dmq.compile_blocks)")
     _add_calibration_args(p)
     p.set_defaults(func=_bench)
 

@@ -57,6 +57,7 @@ def test_presets_lists_each_preset_with_its_description(capsys):
      "expected a class label (an integer >= 0)"),
     (["bench", "--iters", "two"], "expected a positive integer, got 'two'"),
     (["bench", "--preset", "nope"], "unknown preset 'nope'"),
+    (["bench", "--compile", "--compile-blocks"], "not allowed with argument --compile"),
     (["demo", "--num-images", "-1"], "expected a positive integer, got -1"),
     (["demo", "--model", "sdxl"], "invalid choice: 'sdxl'"),
     (["presets", "--verbose"], "unrecognized arguments: --verbose"),
@@ -103,3 +104,12 @@ def test_bench_prints_both_timings_and_their_ratio(capsys, one_thread):
     fp = float(re.search(r"float\s+([\d.]+) ms", stdout).group(1))
     q, ratio = map(float, re.search(r"w8a8\s+([\d.]+) ms\s+ratio ([\d.]+)", stdout).groups())
     assert fp > 0 and q > 0 and ratio == pytest.approx(q / fp, abs=1e-3)
+
+
+def test_bench_compile_blocks_compiles_both_denoisers(capsys, one_thread, monkeypatch):
+    seen = []
+    monkeypatch.setattr(dmq, "compile_blocks", lambda model: seen.append(model) or [])
+    code, stdout, _ = _run(["bench", "--model", "digits-dit", "--preset", "w8a8", "--iters", "1", "--warmup", "0",
+                            "--compile-blocks", "--quiet"], capsys)
+    assert code == 0 and "dmq.compile_blocks" in stdout
+    assert len(seen) == 2 and seen[0] is not seen[1]   # the float copy and the quantized denoiser
