@@ -8,7 +8,7 @@ import torch
 
 from dmq.formats import QuantSpec, pack_nibbles, padded_channels, quantize, unpack_int4
 
-__all__ = ["quantize_act", "act_spec", "TWO_LEVEL"]
+__all__ = ["quantize_act", "act_spec", "smoothed", "TWO_LEVEL"]
 
 TWO_LEVEL = "int4_2l"   # two-level int4 groups (see QuantSpec.two_level), delivered as int8 code · sub-scale
 _ACT_DTYPES = ("int4", "int8", "fp8_e4m3", TWO_LEVEL)
@@ -29,13 +29,13 @@ def act_spec(qdtype: str, group_size: int) -> QuantSpec:
 
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor | None, qdtype: str,
                  group_size: int, pack: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize the rows of ``x / smooth`` and project them onto ``proj_down``.
+    """Quantize the rows of ``x · (1 / smooth)`` and project them onto ``proj_down``.
 
-    x: ``(M, K)`` 16-bit. smooth: ``(K,)`` or None (activations are divided by it, in fp32). proj_down: ``(K, R)``
-    16-bit or None. qdtype: ``"int4"``, ``"int8"``, ``"fp8_e4m3"`` or ``"int4_2l"`` (two-level int4 groups,
-    returned as int8 ``code · sub-scale`` with the fp32 per-token ``scale2`` as scales, ready for a per-token int8
-    GEMM); group_size: 0 for one scale per token, else the group size along K. pack: int4 only, two codes per byte
-    as :func:`dmq.formats.pack_nibbles`.
+    x: ``(M, K)`` 16-bit. smooth: ``(K,)`` or None (activations are multiplied by its fp32 reciprocal).
+    proj_down: ``(K, R)`` 16-bit or None. qdtype: ``"int4"``, ``"int8"``, ``"fp8_e4m3"`` or ``"int4_2l"`` (two-level
+    int4 groups, returned as int8 ``code · sub-scale`` with the fp32 per-token ``scale2`` as scales, ready for a
+    per-token int8 GEMM); group_size: 0 for one scale per token, else the group size along K. pack: int4 only, two
+    codes per byte as :func:`dmq.formats.pack_nibbles`.
 
     Returns ``codes`` (int8 ``(M, Kp)``, uint8 ``(M, Kp/2)`` when packed, float8 ``(M, K)`` for fp8), ``scales``
     (fp32 ``(M,)`` per token, fp16 ``(M, Kp/g)`` per group) and ``lowrank`` ``(M, R)`` in x's dtype
@@ -43,7 +43,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     accumulated in fp32.
 
     Codes and scales follow :func:`dmq.formats.quantize` (scale = amax / qmax, rounded to fp16 for groups; codes
-    = round-half-even(x / scale), clamped) with every division correctly rounded. That is bit for bit what
+    = round-half-even(x · (1 / scale)), clamped) with every division correctly rounded. That is bit for bit what
     :func:`dmq.formats.quantize` gives on the CPU; on CUDA, PyTorch turns ``tensor / python_float`` into a multiply
     by the reciprocal, so the layer's reference scales there can differ from these by one ulp.
     """
@@ -52,9 +52,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
         raise ValueError("pack=True is only meaningful for int4 codes")
     qt = spec.qtype
     m, k = x.shape
-    xs = x.to(torch.float32)
-    if smooth is not None:
-        xs = xs / smooth.to(torch.float32)
+    xs = smoothed(x, smooth)
     kp = padded_channels(spec, k)
     if spec.two_level:
         q = quantize(xs.reshape(m, 1, k), spec)
@@ -66,7 +64,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     s = amax / torch.full_like(amax, qt.qmax)          # a tensor divisor: IEEE division on every device
     if group_size:
         s = s.to(torch.float16).to(torch.float32)
-    y = xb / torch.where(s > 0, s, torch.ones_like(s))
+    y = xb * torch.reciprocal(torch.where(s > 0, s, torch.ones_like(s)))
     if qdtype == "fp8_e4m3":
         codes = y.clamp(qt.qmin, qt.qmax).to(torch.float8_e4m3fn).reshape(m, kp)
     else:
@@ -75,6 +73,13 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
             codes = pack_nibbles(codes)
     scales = s.reshape(m, -1).to(torch.float16) if group_size else s.reshape(m)
     return codes.contiguous(), scales.contiguous(), _lowrank(x, xs, proj_down)
+
+
+def smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """``x (M, K)`` in fp32 times the correctly rounded fp32 reciprocal of ``smooth (K,)`` (a kernel loads smooth
+    and does the same: one division per channel, one multiply per element)."""
+    xs = x.to(torch.float32)
+    return xs if smooth is None else xs * torch.reciprocal(smooth.to(torch.float32))
 
 
 def _lowrank(x: torch.Tensor, xs: torch.Tensor, proj_down: torch.Tensor | None) -> torch.Tensor:

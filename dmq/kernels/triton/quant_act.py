@@ -34,19 +34,25 @@ SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when 
 
 
 @triton.jit
+def _rcp(s):
+    """Correctly rounded fp32 ``1 / s`` (s > 0): codes are ``x · (1 / scale)`` (:func:`dmq.formats.quantize`)."""
+    return tl.math.div_rn(tl.zeros_like(s) + 1.0, s)
+
+
+@triton.jit
 def _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                 other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         sm = tl.load(sm_ptr + rk, mask=rk < K, other=1.0).to(tl.float32)
-        x = tl.math.div_rn(x, sm[None, :])
+        x = x * _rcp(sm)[None, :]
     return x
 
 
 @triton.jit
-def _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8: tl.constexpr, QMAX: tl.constexpr,
+def _store_codes(xs, inv, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8: tl.constexpr, QMAX: tl.constexpr,
                  PACK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    y = tl.math.div_rn(xs, s_div[:, None])
+    y = xs * inv[:, None]
     if IS_FP8:
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         q = encode_e4m3(y)
@@ -76,7 +82,7 @@ def _store_two_level(xs, s2_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX: tl.const
     xg = tl.reshape(xs, (BM, BK // GROUP, GROUP))
     s_g = tl.math.div_rn(tl.max(tl.abs(xg), axis=2), QMAX)
     sub = tl.minimum(tl.maximum(rint_small(tl.math.div_rn(s_g, s2_div[:, None])), 1.0), SUB)
-    y = tl.math.div_rn(xg, (sub * s2_div[:, None])[:, :, None])
+    y = xg * _rcp(sub * s2_div[:, None])[:, :, None]
     q = rint_small(tl.minimum(tl.maximum(y, -QMAX - 1.0), QMAX)).to(tl.int32)
     out = tl.reshape(q * sub.to(tl.int32)[:, :, None], (BM, BK))
     rk = k0 + tl.arange(0, BK)
@@ -98,7 +104,8 @@ def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_
         s16 = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX).to(tl.float16)
         tl.store(s_ptr + rm * stride_sm + k0 // GROUP, s16, mask=rm < M)
         s = s16.to(tl.float32)
-        _store_codes(xs, tl.where(s > 0, s, 1.0), c_ptr, rm, k0, M, KP, stride_cm, False, QMAX, PACK, BM, GROUP)
+        _store_codes(xs, _rcp(tl.where(s > 0, s, 1.0)), c_ptr, rm, k0, M, KP, stride_cm, False, QMAX, PACK, BM,
+                     GROUP)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -118,12 +125,13 @@ def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, st
         s = tl.math.div_rn(s, tl.zeros_like(s) + SUB_MAX_C)
     tl.store(s_ptr + rm, s, mask=rm < M)
     s_div = tl.where(s > 0, s, 1.0)
+    inv = _rcp(s_div)
     for k0 in range(0, KP, BK):
         xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
         if TWO_LEVEL_GROUP:
             _store_two_level(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BK)
         else:
-            _store_codes(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
+            _store_codes(xs, inv, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
 
 
 def _token_prune(configs, named_args, **kwargs):
