@@ -31,7 +31,9 @@ class QuantConfig:
     timestep_buckets: static activation ranges per bucket of normalized timestep (TFMQ-DM); temporal_cache: serve
     the time path from the temporal-feature cache (:mod:`dmq.methods.temporal_cache`). attention: ``"int8"`` runs
     the self- and joint-attention of the denoiser with 8-bit attention (int8 QKᵀ, fp8 PV,
-    :mod:`dmq.methods.attention`); None keeps it 16-bit.
+    :mod:`dmq.methods.attention`); None keeps it 16-bit. fuse_projections: fuse each attention's q/k/v projections
+    (and the added text-stream ones) into one linear with diffusers' ``fuse_qkv_projections`` before quantizing, so
+    the input is quantized once for one larger GEMM (:mod:`dmq.methods.fuse`); the denoiser only.
     """
 
     weight: QuantSpec
@@ -50,6 +52,7 @@ class QuantConfig:
     timestep_buckets: int = 0
     temporal_cache: bool = False
     attention: str | None = None
+    fuse_projections: bool = False
 
     def __post_init__(self) -> None:
         if self.weight.granularity == "token":
@@ -72,6 +75,8 @@ class QuantConfig:
             raise ConfigError("block reconstruction with per-timestep ranges is not supported")
         if self.attention not in (None, "int8"):
             raise ConfigError(f"attention must be None or 'int8', got {self.attention!r}")
+        if not isinstance(self.fuse_projections, bool):
+            raise ConfigError(f"fuse_projections must be True or False, got {self.fuse_projections!r}")
         if not isinstance(self.rank, int) or self.rank < 0:
             raise ConfigError(f"rank must be a non-negative integer, got {self.rank!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -93,6 +98,7 @@ class QuantConfig:
         act = self.activation.describe() if self.activation else "16-bit"
         extra = f", rank-{self.rank} branch" if self.rank else ""
         extra += f", {self.attention} attention" if self.attention else ""
+        extra += ", fused q/k/v projections" if self.fuse_projections else ""
         return f"weights {self.weight.describe()}, activations {act}{extra}"
 
     def with_patterns(self, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> "QuantConfig":
@@ -118,6 +124,7 @@ class QuantConfig:
             "timestep_buckets": self.timestep_buckets,
             "temporal_cache": self.temporal_cache,
             "attention": self.attention,
+            "fuse_projections": self.fuse_projections,
         }
 
     @classmethod
@@ -133,7 +140,8 @@ class QuantConfig:
                    needs_calibration=d["needs_calibration"], rank=d["rank"], smooth_alpha=d["smooth_alpha"],
                    split_shortcut=d["split_shortcut"], act_estimator=d["act_estimator"],
                    reconstruct=d["reconstruct"], timestep_buckets=d["timestep_buckets"],
-                   temporal_cache=d["temporal_cache"], attention=d.get("attention"))
+                   temporal_cache=d["temporal_cache"], attention=d.get("attention"),
+                   fuse_projections=d.get("fuse_projections", False))
 
 
 @dataclass(frozen=True)
