@@ -1,12 +1,15 @@
 """``quantize_pipeline``: swap the GEMM leaf modules of a pipeline's denoiser for quantized ones.
 
 The work is planned and every replacement is built before the first swap, so any error (bad config, NaN weight,
-unsupported targeted module) leaves the pipeline exactly as it was.
+unsupported targeted module) leaves the pipeline exactly as it was. With ``QuantConfig.fuse_projections`` the
+denoiser's attention projections are fused first (:mod:`dmq.methods.fuse`), unfused again on any error, and the
+replaced originals are dropped when the quantized layers are swapped in.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +20,7 @@ from tqdm.auto import tqdm
 from dmq.config import QuantConfig, resolve_config
 from dmq.errors import CalibrationRequiredError, ConfigError, UnsupportedModuleError, UnsupportedPipelineError
 from dmq.formats import QuantSpec
+from dmq.methods.fuse import drop_originals, fused_layers, fused_until_error, replaced_names
 from dmq.methods.smoothing import smoothing_factors, weight_channel_absmax
 from dmq.nn import QuantConv2d, QuantGemm, QuantLinear, QuantModule, quantize_module, why_unsupported
 from dmq.nn.split import SplitQuantConv2d
@@ -64,13 +68,16 @@ def plan_model(model: nn.Module, roles: ArchRoles, config: QuantConfig) -> list[
     """Decide, for every GEMM-like leaf of ``model``, whether and how it is quantized.
 
     Raises UnsupportedModuleError when an ``include`` pattern targets a module dmq cannot quantize, and ConfigError
-    when an include/exclude pattern matches no GEMM layer (a typo would otherwise be silently ignored).
+    when an include/exclude pattern matches no GEMM layer (a typo would otherwise be silently ignored). The original
+    linears that fused projections replace (:func:`dmq.methods.fuse.replaced_names`) are no layers here: they are
+    unused and get dropped.
     """
     plans = []
+    replaced = replaced_names(model)
     used = {p: False for p in config.include + config.exclude}
     splits = {c: (pt.split,) for pt in roles.concat_points for c in pt.consumers} if config.split_shortcut else {}
     for name, module in model.named_modules():
-        if not isinstance(module, _GEMM_TYPES):
+        if not isinstance(module, _GEMM_TYPES) or name in replaced:
             continue
         for p in used:
             used[p] = used[p] or matches_any(name, (p,))
@@ -172,17 +179,21 @@ def prepare_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, compo
 
 
 def commit_model(model: nn.Module, built: dict[str, QuantModule], config: QuantConfig) -> None:
-    """Swap the built layers into ``model`` and mark it as quantized with ``config``."""
+    """Swap the built layers into ``model``, drop the originals that fused projections replace (if ``model`` was
+    fused) and mark it as quantized with ``config``."""
     for name, new in built.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    drop_originals(model, fused_layers(model))
     setattr(model, DMQ_CONFIG_ATTR, config)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, roles: ArchRoles, component: str = "model",
                    progress: bool = True) -> list[LayerEntry]:
-    """Quantize one model in place; returns its report entries. Nothing is swapped unless every layer built."""
-    entries, built = prepare_model(model, config, roles, component, progress)
+    """Quantize one model in place (its attention projections fused first when ``config.fuse_projections``);
+    returns its report entries. On any error the model is left as it was."""
+    with fused_until_error(model, config.fuse_projections):
+        entries, built = prepare_model(model, config, roles, component, progress)
     commit_model(model, built, config)
     logger.info("dmq: %s — %d layers quantized, %d kept", component, len(built), len(entries) - len(built))
     return entries
@@ -300,15 +311,22 @@ def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = N
         report.notes.append(f"{cfg.name}: no calibration data, so the low-rank branch ran data-free (SVD of W "
                             "alone, no smoothing)")
     prepared = {}
-    for name, model in models.items():  # build everything before the first swap
-        if calibration is not None and name == main:
-            entries, built = _prepare_calibrated(pipe, model, cfg, roles[name], name, calibration, report, progress)
-        else:
-            entries, built = prepare_model(model, cfg, roles[name], name, progress)
-        report.entries.extend(entries)
-        prepared[name] = built
+    fuse = cfg.fuse_projections and main in models
+    with fused_until_error(models[main], fuse) if fuse else nullcontext({}) as fused:
+        for name, model in models.items():  # build everything before the first swap
+            if calibration is not None and name == main:
+                entries, built = _prepare_calibrated(pipe, model, cfg, roles[name], name, calibration, report,
+                                                     progress)
+            else:
+                entries, built = prepare_model(model, cfg, roles[name], name, progress)
+            report.entries.extend(entries)
+            prepared[name] = built
+    if fused:
+        report.notes.append(f"fused attention projections: {len(fused)} fused linears replace "
+                            f"{sum(map(len, fused.values()))} q/k/v projections (diffusers' fuse_qkv_projections)")
     for name, built in prepared.items():
-        commit_model(models[name], built, cfg)
+        # only the denoiser is fused: the other components record a config that says so
+        commit_model(models[name], built, cfg if name == main else replace(cfg, fuse_projections=False))
     activate_runtime(pipe, models[main], cfg)
     pipe.dmq_report = report
     logger.info("%s", report)
