@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from dmq.config import QuantConfig
 from dmq.errors import CheckpointMismatchError, ConfigError, DmqError
+from dmq.methods.fuse import drop_originals, fused_layers, fused_until_error, replaced_names
 from dmq.nn import LAYER_TYPES, QuantModule, outermost_quant_modules
 from dmq.pipelines.quantize import DMQ_CONFIG_ATTR, activate_runtime, denoiser_name
 from dmq.report import LayerEntry, QuantReport
@@ -59,13 +61,19 @@ def _owned(key: str, layers: set[str] | dict) -> bool:
     return any(".".join(parts[:i]) in layers for i in range(1, len(parts)))
 
 
+def _kept_state(model: nn.Module, quantized: set[str] | dict) -> dict[str, torch.Tensor]:
+    """The state-dict tensors that stay as they are: outside the quantized layers (``quantized``: module names) and
+    outside the originals that fused projections replace (unused, dropped on commit: :mod:`dmq.methods.fuse`)."""
+    gone = set(quantized) | replaced_names(model)
+    return {k: t for k, t in model.state_dict().items() if not _owned(k, gone)}
+
+
 def base_fingerprint(model: nn.Module, quantized: set[str]) -> str:
     """sha256 over the name, dtype, shape and bytes of every state-dict tensor that does not belong to a quantized
-    layer (``quantized``: module names): the weights that stay 16-bit identify the base model, a fine-tune too."""
+    layer (``quantized``: module names) nor to an original replaced by a fused projection: the weights that stay
+    16-bit identify the base model, a fine-tune too."""
     h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        if _owned(key, quantized):
-            continue
+    for key, t in sorted(_kept_state(model, quantized).items()):
         t = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
@@ -173,8 +181,11 @@ def install_layers(model: nn.Module, layers: dict[str, nn.Module]) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
-def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[str, QuantModule], dict, QuantConfig]:
-    """Check that a saved component fits ``model`` and load its tensors; the model is not changed."""
+def _prepare_component(model: nn.Module, name: str, cdir: Path, fusions: ExitStack
+                       ) -> tuple[dict[str, QuantModule], dict, QuantConfig]:
+    """Check that a saved component fits ``model`` and load its tensors. The model is not changed, except that it
+    is fused first when the component was saved with ``fuse_projections`` (undone when ``fusions`` unwinds on an
+    error; the replaced originals count as gone in every check)."""
     saved = _read_json(cdir / "config.json")
     qc = saved.get("quantization_config") or {}
     check_quant_config(qc, f"{name} ({cdir / 'config.json'})")
@@ -190,6 +201,8 @@ def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[st
                                       f"({shown})")
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ConfigError(f"{name} is already quantized; load into a fresh floating-point pipeline")
+    config = QuantConfig.from_dict(qc["config"])
+    fusions.enter_context(fused_until_error(model, config.fuse_projections))
     layers = qc["layers"]
     if base_fingerprint(model, set(layers)) != qc["fingerprint"]:
         raise CheckpointMismatchError(
@@ -200,10 +213,10 @@ def _prepare_component(model: nn.Module, name: str, cdir: Path) -> tuple[dict[st
     # kernels can pick another summation order for a misaligned mmap-ed tensor
     shells = {lname: shell.to_empty(device=device) for lname, shell in build_shells(layers, name).items()}
     state = load_file(str(cdir / WEIGHTS_NAME), device=str(device))
-    expected = {k for k in model.state_dict() if not _owned(k, layers)}
+    expected = set(_kept_state(model, layers))
     expected |= {f"{lname}.{k}" for lname, shell in shells.items() for k in shell.state_dict()}
     check_tensor_names(name, expected, set(state))
-    return shells, state, QuantConfig.from_dict(qc["config"])
+    return shells, state, config
 
 
 def load_quantized(path: str | os.PathLike, pipe: Any) -> Any:
@@ -219,12 +232,14 @@ def load_quantized(path: str | os.PathLike, pipe: Any) -> Any:
         raise CheckpointMismatchError(f"{path} was saved from a {index['pipeline_class']}, not a "
                                       f"{type(pipe).__name__}")
     prepared = {}
-    for name in index["components"]:
-        model = getattr(pipe, name, None)
-        if not isinstance(model, nn.Module):
-            raise CheckpointMismatchError(f"the pipeline has no component {name!r} to load into")
-        prepared[name] = (model, *_prepare_component(model, name, path / name))
+    with ExitStack() as fusions:  # an error unfuses every component fused so far
+        for name in index["components"]:
+            model = getattr(pipe, name, None)
+            if not isinstance(model, nn.Module):
+                raise CheckpointMismatchError(f"the pipeline has no component {name!r} to load into")
+            prepared[name] = (model, *_prepare_component(model, name, path / name, fusions))
     for name, (model, shells, state, config) in prepared.items():
+        drop_originals(model, fused_layers(model))
         install_layers(model, shells)
         model.load_state_dict(state, strict=True)
         setattr(model, DMQ_CONFIG_ATTR, config)

@@ -104,9 +104,10 @@ def _is_meta(t: torch.Tensor) -> bool:
 
 class DmqQuantizer(DiffusersQuantizer):
     """The diffusers backend: before the weights load, the float layers that dmq quantized are replaced by empty
-    quantized layers of the saved specs; every tensor is then taken from the checkpoint as stored (no dtype
-    casts; copied into fresh allocations, as :func:`dmq.load_quantized` does); after loading, the tensor names, the
-    fingerprint of the 16-bit weights and the absence of uninitialised (meta) tensors are checked."""
+    quantized layers of the saved specs (after fusing the attention projections and dropping the originals when
+    the checkpoint was quantized with ``fuse_projections``); every tensor is then taken from the checkpoint as stored
+    (no dtype casts; copied into fresh allocations, as :func:`dmq.load_quantized` does); after loading, the tensor
+    names, the fingerprint of the 16-bit weights and the absence of uninitialised (meta) tensors are checked."""
 
     requires_calibration = False
     required_packages = None
@@ -139,12 +140,16 @@ class DmqQuantizer(DiffusersQuantizer):
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        from dmq.config import QuantConfig
+        from dmq.methods.fuse import drop_originals, fuse_projections
         from dmq.serialization import build_shells, check_tensor_names, install_layers
 
         qc = self.quantization_config
         where = type(model).__name__
         if qc.model_class is not None and qc.model_class != where:
             raise CheckpointMismatchError(f"this dmq checkpoint holds a quantized {qc.model_class}, not a {where}")
+        if QuantConfig.from_dict(qc.config).fuse_projections:  # the same fused layers as when it was quantized
+            drop_originals(model, fuse_projections(model))
         for lname in qc.layers:
             try:
                 target = model.get_submodule(lname)
