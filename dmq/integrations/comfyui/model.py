@@ -61,8 +61,11 @@ _PREFIX = "diffusion_model."
 
 
 def unsupported_reason(config: QuantConfig) -> str | None:
-    """Why a config cannot be applied inside ComfyUI, or ``None``: block reconstruction, per-timestep ranges and the
-    temporal cache hook diffusers' pipeline and denoiser classes."""
+    """Why a config cannot be applied inside ComfyUI, or ``None``: block reconstruction, per-timestep ranges, the
+    temporal cache and fused projections hook diffusers' pipeline and denoiser classes."""
+    if config.fuse_projections:
+        return ("fused q/k/v projections use diffusers' fuse_qkv_projections; ComfyUI's models have their own "
+                "attention layout")
     if config.reconstruct:
         return "block reconstruction runs on diffusers pipelines only"
     if config.timestep_buckets or config.temporal_cache:
