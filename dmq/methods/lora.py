@@ -5,6 +5,11 @@ quantized layer whose branch input is ``x/λ``: ``proj_down ← [proj_down | dia
 ``proj_up ← [proj_up ; scale·Bᵀ]``, so the 4-bit residual is never touched and removing the LoRA slices the branch
 back to the very tensors it had. A LoRA for a layer that stays floating point is applied by a forward hook that adds
 ``scale · B·A·x``; removing it removes the hook. Everything is validated before anything is applied.
+
+On a model with fused projections (:mod:`dmq.methods.fuse`) a LoRA names ``to_q``, ``to_k``... as usual: each such
+part keeps its ``A (r, K)`` and its ``B (n, r)`` becomes a zero-padded ``(N_fused, r)`` at the original's output rows,
+and all parts of one LoRA that land on one fused layer form one branch extension (A's concatenated along the rank,
+padded B's side by side), so the layer holds one ``(start, rank)`` per LoRA and removal stays exact.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmq.errors import DmqError
+from dmq.methods.fuse import fused_layers, replaced_names
 from dmq.nn.base import QuantGemm
 
 __all__ = ["add_lora", "remove_lora", "parse_lora_state_dict", "add_lora_to_model", "route_diffusers_loras"]
@@ -84,6 +90,40 @@ def _lora_matrices(module: nn.Module, name: str, a: torch.Tensor, b: torch.Tenso
     raise DmqError(f"LoRA {name!r}: A of shape {tuple(a.shape)} does not fit a {type(module).__name__}")
 
 
+#: one part of a LoRA: (its key, its output rows ``(start, n)`` in a fused layer or None for all rows, A, B, alpha/rank)
+_Part = tuple[str, tuple[int, int] | None, torch.Tensor, torch.Tensor, float]
+
+
+def _parts_by_layer(model: nn.Module, parsed: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+                    ) -> dict[str, list[_Part]]:
+    """The parsed LoRA grouped by the layer each part lands on: its own module, or for an original that a fused
+    projection replaced, the fused layer (with the original's output rows)."""
+    slices = {orig: (fused, start, n) for fused, rows in fused_layers(model).items() for orig, start, n in rows}
+    groups: dict[str, list[_Part]] = {}
+    for key, (a, b, alpha_scale) in parsed.items():
+        layer, start, n = slices.get(key, (key, None, None))
+        groups.setdefault(layer, []).append((key, (start, n) if start is not None else None, a, b, alpha_scale))
+    return groups
+
+
+def _merge_parts(module: nn.Module, layer: str, parts: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fp32 LoRA ``(A (R, K), B (N, R))`` of a linear layer of N outputs for several parts that land on it: the
+    A's concatenated along the rank, each B scaled by its alpha/rank and zero-padded to N rows at its slice."""
+    n_out, k = module.out_features, module.in_features
+    downs, ups = [], []
+    for key, rows, a, b, alpha_scale in parts:
+        start, n = rows or (0, n_out)
+        r = a.shape[0]
+        if a.shape != (r, k) or b.shape != (n, r):
+            raise DmqError(f"LoRA {key!r}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit rows {start}:{start + n} "
+                           f"of the ({n_out} × {k}) layer {layer!r} (expected A ({r}, {k}), B ({n}, {r}))")
+        up = torch.zeros(n_out, r)
+        up[start:start + n] = alpha_scale * b.detach().float()
+        downs.append(a.detach().float())
+        ups.append(up)
+    return torch.cat(downs, 0), torch.cat(ups, 1)
+
+
 class _FloatLoRAHook:
     """Adds ``scale·B·A·x`` to a floating-point Linear/Conv2d's output."""
 
@@ -113,8 +153,9 @@ def add_lora(pipe: Any, lora: Mapping[str, Any], scale: float = 1.0, name: str =
     """Add a LoRA (``{module name: (A, B)}`` or a LoRA state dict) to the pipeline's denoiser under ``name``.
 
     Quantized layers get it in their low-rank branch (smoothing accounted for); floating-point layers through a
-    forward hook. Unknown module names, shape mismatches and a name already in use raise DmqError naming the key;
-    nothing is applied unless everything fits.
+    forward hook; parts on projections that a fused layer replaced go to their rows of it (see the module doc).
+    Unknown module names, shape mismatches and a name already in use raise DmqError naming the key; nothing is
+    applied unless everything fits.
     """
     add_lora_to_model(_denoiser(pipe), lora, scale, name)
 
@@ -129,14 +170,20 @@ def add_lora_to_model(model: nn.Module, lora: Mapping[str, Any], scale: float = 
         raise DmqError("the LoRA holds no matrices")
     modules = dict(model.named_modules())
     plan = []
-    for target, (a, b, alpha_scale) in parsed.items():
-        module = modules.get(target)
+    for target, parts in _parts_by_layer(model, parsed).items():
+        module, key = modules.get(target), parts[0][0]
         if module is None:
-            raise DmqError(f"LoRA key {target!r} names no module of {type(model).__name__}")
+            raise DmqError(f"LoRA key {key!r} names no module of {type(model).__name__}")
         if not isinstance(module, (nn.Linear, nn.Conv2d, QuantGemm)):
-            raise DmqError(f"LoRA key {target!r}: a {type(module).__name__} takes no LoRA (Linear/Conv2d only)")
+            raise DmqError(f"LoRA key {key!r}: a {type(module).__name__} takes no LoRA (Linear/Conv2d only)")
+        if len(parts) == 1 and parts[0][1] is None:
+            _, _, a, b, alpha_scale = parts[0]
+            s = scale * alpha_scale
+        else:
+            a, b = _merge_parts(module, target, parts)
+            s = scale
         down, up = _lora_matrices(module, target, a.detach().float(), b.detach().float())
-        plan.append((target, module, a, b, down, up, scale * alpha_scale))
+        plan.append((target, module, a, b, down, up, s))
     handles = []
     for target, module, a, b, down, up, s in plan:
         if isinstance(module, QuantGemm):
@@ -207,15 +254,16 @@ def route_diffusers_loras(model: nn.Module) -> None:
         if not isinstance(sd, Mapping):
             raise DmqError("on a dmq-quantized model, load LoRAs from a state dict (pipe.load_lora_weights(dict) or "
                            "dmq.add_lora); loading from a path or hub id is not routed")
-        quantized = {n for n, m in model.named_modules() if isinstance(m, QuantGemm)}
+        # dmq's: the quantized layers, and the originals that fused projections replaced (peft cannot wrap those)
+        ours = {n for n, m in model.named_modules() if isinstance(m, QuantGemm)} | replaced_names(model)
         strip = (lambda k: k.removeprefix(f"{prefix}.")) if prefix else (lambda k: k)
         mine = {strip(k): v for k, v in sd.items()
-                if (prefix is None or k.startswith(f"{prefix}.")) and _module_of(strip(k)) in quantized}
+                if (prefix is None or k.startswith(f"{prefix}.")) and _module_of(strip(k)) in ours}
         rest = {k: v for k, v in sd.items() if strip(k) not in mine}
         alphas = kwargs.get("network_alphas") or {}
         for key, alpha in alphas.items():
             module = _module_of(strip(key).removesuffix(".alpha") + ".lora_A.weight")
-            if module in quantized:
+            if module in ours:
                 mine[f"{module}.alpha"] = torch.as_tensor(alpha)
         if mine:
             add_lora_to_model(model, mine, 1.0, kwargs.get("adapter_name") or "default")
