@@ -288,6 +288,12 @@ def _pad(x3: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return torch.nn.functional.pad(x3, (0, cp - c)) if cp != c else x3
 
 
+def _div(t: torch.Tensor, c: float) -> torch.Tensor:
+    """``t / c`` correctly rounded on every device (CUDA turns ``tensor / python_float`` into a multiply by the
+    reciprocal, one ulp away at times; a kernel's scale is the IEEE quotient)."""
+    return t / torch.full_like(t, c)
+
+
 def _reciprocal(s: torch.Tensor) -> torch.Tensor:
     """``1 / s`` correctly rounded in fp32 (1 where ``s`` is 0): codes are ``x · (1 / scale)``, one IEEE reciprocal
     per scale and one multiply per element, which a GPU kernel reproduces bit for bit at a fraction of the cost of
@@ -313,9 +319,9 @@ def quantize(x3: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = Non
 
     if spec.dtype == "nvfp4":
         amax_t = xb.abs().amax() if scale is None else scale.to(torch.float32).reshape(())
-        scale2 = (amax_t / (qt.qmax * _E4M3_MAX)).to(torch.float32)
+        scale2 = _div(amax_t.to(torch.float32), qt.qmax * _E4M3_MAX)
         g_safe = torch.where(scale2 > 0, scale2, torch.ones_like(scale2))
-        s_blk = (xb.abs().amax(dim=-1, keepdim=True) / qt.qmax / g_safe).clamp(max=_E4M3_MAX)
+        s_blk = (_div(xb.abs().amax(dim=-1, keepdim=True), qt.qmax) / g_safe).clamp(max=_E4M3_MAX)
         s_store = s_blk.to(torch.float8_e4m3fn)
         eff = s_store.to(torch.float32) * scale2
         nib = fp4_encode(xb * _reciprocal(eff))
@@ -328,11 +334,11 @@ def quantize(x3: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = Non
 
     if scale is None:
         if spec.symmetric:
-            s = xb.abs().amax(dim=-1, keepdim=True) / qt.qmax
+            s = _div(xb.abs().amax(dim=-1, keepdim=True), qt.qmax)
         else:
             lo = xb.amin(dim=-1, keepdim=True).clamp(max=0)
             hi = xb.amax(dim=-1, keepdim=True).clamp(min=0)
-            s = (hi - lo) / (qt.qmax - qt.qmin)
+            s = _div(hi - lo, qt.qmax - qt.qmin)
     else:
         s = _expand_scales(scale.to(torch.float32), spec, r, t)
     s_store = s.to(spec.scale_dtype)
@@ -366,9 +372,9 @@ def _quantize_two_level(xb: torch.Tensor, spec: QuantSpec, r: int, t: int) -> Qu
     device), so a kernel doing the same operations gets the same bits."""
     qt = spec.qtype
     amax = xb.abs().amax(dim=-1, keepdim=True)
-    s_g = amax / torch.full_like(amax, qt.qmax)
+    s_g = _div(amax, qt.qmax)
     row_max = s_g.reshape(r, -1).amax(dim=1)
-    scale2 = row_max / torch.full_like(row_max, SUB_MAX)
+    scale2 = _div(row_max, SUB_MAX)
     s2 = torch.where(scale2 > 0, scale2, torch.ones_like(scale2)).reshape(r, 1, 1, 1)
     sub = torch.round(s_g / s2).clamp(1, SUB_MAX)
     q = torch.round(xb * _reciprocal(sub * s2)).clamp(qt.qmin, qt.qmax).to(torch.int8).reshape(r, t, -1)

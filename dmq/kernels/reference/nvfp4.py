@@ -25,8 +25,7 @@ def nvfp4_quantize(x: torch.Tensor, smooth: torch.Tensor | None,
 
     Returns codes uint8 ``(M, Kp/2)`` (pairs, as :func:`dmq.formats.pack_nibbles`), scales float8 e4m3
     ``(M, Kp/16)`` and the fp32 global scale ``amax / 2688``: :func:`dmq.formats.quantize`'s recipe (codes from
-    ``x · (1 / scale)``) with every division correctly rounded (identical to it on the CPU; on CUDA PyTorch divides
-    by Python floats through a reciprocal, which can move a scale by one ulp).
+    ``x · (1 / scale)``) with every division correctly rounded: identical to it on every device.
     """
     m, k = x.shape
     xs = smoothed(x, smooth)

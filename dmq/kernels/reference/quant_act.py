@@ -43,9 +43,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     accumulated in fp32.
 
     Codes and scales follow :func:`dmq.formats.quantize` (scale = amax / qmax, rounded to fp16 for groups; codes
-    = round-half-even(x · (1 / scale)), clamped) with every division correctly rounded. That is bit for bit what
-    :func:`dmq.formats.quantize` gives on the CPU; on CUDA, PyTorch turns ``tensor / python_float`` into a multiply
-    by the reciprocal, so the layer's reference scales there can differ from these by one ulp.
+    = round-half-even(x · (1 / scale)), clamped) with every division correctly rounded, bit for bit on every device.
     """
     spec = act_spec(qdtype, group_size)
     if pack and qdtype != "int4":
