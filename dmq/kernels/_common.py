@@ -81,6 +81,12 @@ if HAS_TRITON:
         return (y + 12582912.0) - 12582912.0
 
     @triton.jit
+    def rcp(s):
+        """Correctly rounded fp32 ``1 / s`` (s > 0): codes are ``x · (1 / scale)`` (:func:`dmq.formats.quantize`),
+        one IEEE division per scale and one multiply per element."""
+        return tl.math.div_rn(tl.zeros_like(s) + 1.0, s)
+
+    @triton.jit
     def encode_e4m3(y):
         """fp32 values already clamped to [-448, 448] → fp8 e4m3fn bit patterns (int32 in [0, 255]), rounded to
         nearest with ties to even, subnormals included; the same bits as ``y.to(torch.float8_e4m3fn)``."""

@@ -60,7 +60,7 @@ def _int8_blocks(x: torch.Tensor, blk: int) -> tuple[torch.Tensor, torch.Tensor]
     xb = x.reshape(bh, n // blk, blk * d)
     amax = xb.abs().amax(dim=-1)
     s = amax / torch.full_like(amax, 127.0)   # a tensor divisor: IEEE division on CUDA too (the kernel's div_rn)
-    codes = torch.round(xb / torch.where(s > 0, s, 1.0)[..., None]).clamp_(-127, 127)
+    codes = torch.round(xb * torch.reciprocal(torch.where(s > 0, s, 1.0))[..., None]).clamp_(-127, 127)
     return codes.to(torch.int8).reshape(bh, n, d), s
 
 
@@ -88,8 +88,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: fl
     ``q_codes`` int8 ``(BH, Nqp, Dp)``, ``q_scales`` fp32 ``(BH, Nqp/BLOCK_Q)``, ``k_codes`` int8 ``(BH, Nkp, Dp)``
     of ``K - k_smooth``, ``k_scales`` fp32 ``(BH, Nkp/BLOCK_K)``, ``v_codes_t`` float8_e4m3fn ``(BH, Dp, Nkp)``
     (transposed: tokens contiguous, as Hopper's fp8 MMA reads its second operand), ``v_scales`` fp32 ``(BH, Dp)``
-    = per-channel amax over all tokens / 448. Int8 scales are amax / 127, codes round-half-even(x / scale) clamped
-    to ±127; every division is correctly rounded.
+    = per-channel amax over all tokens / 448. Int8 scales are amax / 127, codes round-half-even(x · (1 / scale))
+    clamped to ±127; every division is correctly rounded.
     """
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -103,7 +103,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_scale: fl
     vf = _flat_padded(v, nkp, dp)
     v_amax = vf.abs().amax(dim=1)
     v_scales = v_amax / torch.full_like(v_amax, P_SCALE)   # (CUDA turns "/ python float" into "* reciprocal")
-    vq = (vf / torch.where(v_scales > 0, v_scales, 1.0)[:, None, :]).clamp_(-P_SCALE, P_SCALE)
+    vq = (vf * torch.reciprocal(torch.where(v_scales > 0, v_scales, 1.0))[:, None, :]).clamp_(-P_SCALE, P_SCALE)
     v_codes_t = vq.to(torch.float8_e4m3fn).transpose(1, 2).contiguous()
     return q_codes, q_scales, k_codes, k_scales, v_codes_t, v_scales
 

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.kernels._common import FLOAT16, bench_fn, check, encode_e4m3, fixed_config, interpreting, m_bucket, rint_small
+from dmq.kernels._common import (FLOAT16, bench_fn, check, encode_e4m3, fixed_config, interpreting, m_bucket, rcp,
+                                rint_small)
 from dmq.kernels.reference import attention as _ref
 from dmq.kernels.reference.attention import BLOCK_K, BLOCK_N, BLOCK_Q, K_SAMPLES, LOG2E, PAD, head_dim_padded
 
@@ -66,7 +67,7 @@ def _store_int8_block(x, c_ptrs, s_ptr):
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     s = tl.math.div_rn(amax, 127.0)
     tl.store(s_ptr, s)
-    y = tl.math.div_rn(x, tl.where(s > 0, s, 1.0))
+    y = x * rcp(tl.where(s > 0, s, 1.0))
     tl.store(c_ptrs, rint_small(tl.minimum(tl.maximum(y, -127.0), 127.0)).to(tl.int8))
 
 
@@ -119,12 +120,12 @@ def _quant_v(x_ptr, c_ptr, c8_ptr, s_ptr, j, NK, NKP, H, stride_b, stride_h, str
         amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
     s = tl.math.div_rn(amax, P_SCALE)
     tl.store(s_ptr + bh * DP + rc, s)
-    s = tl.where(s > 0, s, 1.0)
+    inv = rcp(tl.where(s > 0, s, 1.0))
     out = bh.to(tl.int64) * DP * NKP + rc[:, None] * NKP
     for t in range(0, NKP, TV):
         rn = t + tl.arange(0, TV)
         x = tl.load(base + rn[None, :] * stride_n, mask=(rn[None, :] < NK) & (rc[:, None] < D), other=0.0)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), s[:, None]), -P_SCALE), P_SCALE)
+        y = tl.minimum(tl.maximum(x.to(tl.float32) * inv[:, None], -P_SCALE), P_SCALE)
         if INT_ENCODE:
             tl.store(c_ptr + out + rn[None, :], encode_e4m3(y).to(tl.int8), mask=rn[None, :] < NKP)
         else:

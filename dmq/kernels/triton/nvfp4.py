@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.kernels._common import FLOAT16, check, decode_e4m3, encode_e2m1, encode_e4m3, interpreting
+from dmq.kernels._common import FLOAT16, check, decode_e4m3, encode_e2m1, encode_e4m3, interpreting, rcp
 from dmq.kernels.reference.nvfp4 import nvfp4_amax
-from dmq.kernels.triton.quant_act import _load_xs, _rcp
+from dmq.kernels.triton.quant_act import _load_xs
 from dmq.kernels.triton.weight_only import dequantize_weight
 
 __all__ = ["nvfp4_quantize", "nvfp4_linear"]
@@ -35,7 +35,7 @@ def _nvfp4_quant_kernel(x_ptr, sm_ptr, gs_ptr, c_ptr, s_ptr, M, K, KP, stride_xm
         tl.store(s_ptr + rm[:, None] * stride_sm + rg[None, :], code8.to(tl.uint8),
                  mask=(rm[:, None] < M) & (rg[None, :] < KP // 16))
         eff = decode_e4m3(code8) * g
-        y = x3 * _rcp(tl.where(eff > 0, eff, 1.0))[:, :, None]
+        y = x3 * rcp(tl.where(eff > 0, eff, 1.0))[:, :, None]
         nib = tl.where(eff[:, :, None] > 0, encode_e2m1(y), 0)
         lo, hi = tl.split(tl.reshape(nib, (BM, BG // 2, 2)))
         rb = k0 // 2 + tl.arange(0, BG // 2)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from dmq.formats import SUB_MAX, padded_channels
 from dmq.kernels._common import (FLOAT16, bench_fn, check, encode_e4m3, fixed_config, fold_down, m_bucket, next_pow2,
-                                rint_small)
+                                rcp, rint_small)
 from dmq.kernels.reference.quant_act import TWO_LEVEL, act_spec
 
 __all__ = ["quantize_act"]
@@ -34,18 +34,12 @@ SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when 
 
 
 @triton.jit
-def _rcp(s):
-    """Correctly rounded fp32 ``1 / s`` (s > 0): codes are ``x · (1 / scale)`` (:func:`dmq.formats.quantize`)."""
-    return tl.math.div_rn(tl.zeros_like(s) + 1.0, s)
-
-
-@triton.jit
 def _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                 other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         sm = tl.load(sm_ptr + rk, mask=rk < K, other=1.0).to(tl.float32)
-        x = x * _rcp(sm)[None, :]
+        x = x * rcp(sm)[None, :]
     return x
 
 
@@ -82,7 +76,7 @@ def _store_two_level(xs, s2_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX: tl.const
     xg = tl.reshape(xs, (BM, BK // GROUP, GROUP))
     s_g = tl.math.div_rn(tl.max(tl.abs(xg), axis=2), QMAX)
     sub = tl.minimum(tl.maximum(rint_small(tl.math.div_rn(s_g, s2_div[:, None])), 1.0), SUB)
-    y = xg * _rcp(sub * s2_div[:, None])[:, :, None]
+    y = xg * rcp(sub * s2_div[:, None])[:, :, None]
     q = rint_small(tl.minimum(tl.maximum(y, -QMAX - 1.0), QMAX)).to(tl.int32)
     out = tl.reshape(q * sub.to(tl.int32)[:, :, None], (BM, BK))
     rk = k0 + tl.arange(0, BK)
@@ -104,7 +98,7 @@ def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_
         s16 = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX).to(tl.float16)
         tl.store(s_ptr + rm * stride_sm + k0 // GROUP, s16, mask=rm < M)
         s = s16.to(tl.float32)
-        _store_codes(xs, _rcp(tl.where(s > 0, s, 1.0)), c_ptr, rm, k0, M, KP, stride_cm, False, QMAX, PACK, BM,
+        _store_codes(xs, rcp(tl.where(s > 0, s, 1.0)), c_ptr, rm, k0, M, KP, stride_cm, False, QMAX, PACK, BM,
                      GROUP)
 
 
@@ -125,7 +119,7 @@ def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, st
         s = tl.math.div_rn(s, tl.zeros_like(s) + SUB_MAX_C)
     tl.store(s_ptr + rm, s, mask=rm < M)
     s_div = tl.where(s > 0, s, 1.0)
-    inv = _rcp(s_div)
+    inv = rcp(s_div)
     for k0 in range(0, KP, BK):
         xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
         if TWO_LEVEL_GROUP:
