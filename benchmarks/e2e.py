@@ -4,6 +4,8 @@ svdquant-w4a4 with two LoRAs (rank 32 + 16 + 16).
 
     python benchmarks/e2e.py --models flux-dev --batches 1 --variants bf16 bf16-compile dmq-svdquant-w4a4
     python benchmarks/e2e.py --models flux-dev --batches 1 --variants bf16-attn8 dmq-svdquant-w4a4-2l-attn8+cudagraph
+    python benchmarks/e2e.py --models flux-dev --batches 1 --variants bf16-fused+compile \
+        dmq-svdquant-w4a4-2l-fused+rcompile+cudagraph
 
 Every variant runs in its own process (compile and quantization leave state behind) and first re-measures bf16
 eager in that process: rows carry ``ms``, the process's ``anchor_ms`` (bf16 eager), ``ratio_vs_eager`` and
@@ -24,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -124,16 +127,22 @@ def _random_loras(model: torch.nn.Module, ranks: tuple[int, ...]) -> list[dict[s
     return loras
 
 
-def _prepare(model: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, str]:
+def _prepare(model: torch.nn.Module, variant: str, fuse: bool = False) -> tuple[torch.nn.Module, str]:
     """Apply ``variant`` (without its ``+compile``) to ``model``; returns the model and a note. A ``-attn8`` suffix
-    also runs self/joint attention in 8 bits (dmq.methods.attention)."""
+    also runs self/joint attention in 8 bits (dmq.methods.attention); a ``-fused`` suffix (before ``-attn8``) fuses
+    the q/k/v projections (``QuantConfig.fuse_projections`` for dmq, diffusers' ``fuse_qkv_projections`` for bf16)."""
     if variant.endswith("-attn8"):
         from dmq.methods.attention import enable_quantized_attention
 
         model, note = _prepare(model, variant.removesuffix("-attn8"))
         n = len(enable_quantized_attention(model, "int8"))
         return model, f"{note + ', ' if note else ''}int8 attention on {n} modules"
+    if variant.endswith("-fused"):
+        return _prepare(model, variant.removesuffix("-fused"), fuse=True)
     if variant == "bf16":
+        if fuse:
+            model.fuse_qkv_projections()
+            return model, "q/k/v projections fused (diffusers fuse_qkv_projections)"
         return model, ""
     if variant == "torchao-fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
@@ -149,9 +158,10 @@ def _prepare(model: torch.nn.Module, variant: str) -> tuple[torch.nn.Module, str
         preset = variant[4:].removesuffix("-lora")
         from dmq.kernels.linear import prepare_model
 
-        quantize_model(model, get_preset(preset), roles_for(model), "denoiser", progress=False)
+        config = replace(get_preset(preset), fuse_projections=fuse)
+        quantize_model(model, config, roles_for(model), "denoiser", progress=False)
         prepare_model(model)   # kernel weight layouts built eagerly, so a compiled graph only reads them
-        note = f"dmq preset {preset}, data-free"
+        note = f"dmq preset {preset}, data-free" + (", q/k/v projections fused" if fuse else "")
         if variant.endswith("-lora"):
             for i, lora in enumerate(_random_loras(model, (16, 16))):
                 add_lora_to_model(model, lora, name=f"lora{i}")
