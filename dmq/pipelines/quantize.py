@@ -9,7 +9,6 @@ replaced originals are dropped when the quantized layers are swapped in.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -311,8 +310,7 @@ def quantize_pipeline(pipe: Any, config: str | QuantConfig, calibration: Any = N
         report.notes.append(f"{cfg.name}: no calibration data, so the low-rank branch ran data-free (SVD of W "
                             "alone, no smoothing)")
     prepared = {}
-    fuse = cfg.fuse_projections and main in models
-    with fused_until_error(models[main], fuse) if fuse else nullcontext({}) as fused:
+    with fused_until_error(models[main], cfg.fuse_projections) as fused:
         for name, model in models.items():  # build everything before the first swap
             if calibration is not None and name == main:
                 entries, built = _prepare_calibrated(pipe, model, cfg, roles[name], name, calibration, report,
