@@ -263,7 +263,7 @@ def test_dequantize_weight_exact(spec):
                            rwo.dequantize_weight(w, s, fmt, g, 200, torch.int8))
 
 
-@pytest.mark.parametrize("m", (1, 5, 16))
+@pytest.mark.parametrize("m", (1, 3, 5, 16))
 @pytest.mark.parametrize("spec", WO_SPECS, ids=lambda s: s.describe())
 def test_weight_only_gemv_matches_reference(m, spec):
     n, k = 70, 200
