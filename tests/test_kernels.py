@@ -497,6 +497,28 @@ def test_quant_conv_kernel_path_matches_layer_reference(weights, acts, monkeypat
     _close(y, layer.reference_forward(x), tol=1e-2)
 
 
+@pytest.mark.parametrize("weights,acts", [(QuantSpec("int4", "group", 64), QuantSpec("int4", "group", 64)),
+                                          (_TWO_LEVEL, _TWO_LEVEL)], ids=["int4-g64", "two-level"])
+def test_svdquant_conv_kernel_path_matches_layer_reference(weights, acts, monkeypatch):
+    """Smoothing and the rank-r branch (kh×kw down-projection conv, up-projection in the GEMM epilogue), stride 2."""
+    from dmq.nn.svdquant import SVDQuantConv2d
+
+    _use_triton(monkeypatch)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 24, 3, stride=2, padding=1).half()
+    # powers of two: x / smooth is exact both in the reference (16-bit) and in the kernel (x · (1/smooth) in fp32),
+    # so no 4-bit code flips on a rounding difference of the smoothed input
+    smooth = 2.0 ** torch.randint(-1, 2, (64,)).float()
+    layer = SVDQuantConv2d.from_module(conv, weights, acts, rank=16, smooth=smooth)
+    x = torch.randn(1, 64, 9, 7).half()
+    assert klinear._conv_ok.__name__ and find_kernel(layer, x) is None   # CPU input: the reference
+    y = klinear.conv_forward(layer, x)
+    ref = layer.reference_forward(x)
+    _close(y, ref, tol=1e-2)
+    layer.proj_up.zero_()                             # the branch is really added: without it the output moves
+    assert (klinear.conv_forward(layer, x).float() - y.float()).abs().max() > 1e-2 * ref.abs().max()
+
+
 def test_dispatch_registration_and_cpu_fallback():
     layer = QuantLinear.from_module(torch.nn.Linear(64, 16).half(), *LAYER_SPECS["w4a4"])
     x = _x(3, 64)

@@ -47,11 +47,13 @@ def m_bucket(m: int) -> int:
 
 
 def fold_down(smooth: torch.Tensor | None, proj_down: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``proj_down (K, R) / smooth (K,)`` in fp32, rounded once to ``dtype``: ``x · fold_down(...)`` is the kernel
-    path's low-rank branch input ``(x / smooth) · proj_down`` as one GEMM on x as it is."""
+    """``proj_down (K, R) / smooth`` in fp32, rounded once to ``dtype``: ``x · fold_down(...)`` is the kernel
+    path's low-rank branch input ``(x / smooth) · proj_down`` as one GEMM on x as it is. smooth: ``(C,)`` with C
+    dividing K, repeated along K (a convolution's ``K = (kh, kw, C)``; C = K for a linear)."""
     pd = proj_down.float()
     if smooth is not None:
-        pd = pd / smooth.float()[:, None]
+        k, r = pd.shape
+        pd = (pd.reshape(k // smooth.numel(), smooth.numel(), r) / smooth.float()[:, None]).reshape(k, r)
     return pd.to(dtype)
 
 

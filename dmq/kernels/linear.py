@@ -16,7 +16,9 @@ Supported (dynamic, symmetric activations; symmetric weights):
 - fp8 e4m3 per token × fp8 per channel (K, N multiples of 16): ``torch._scaled_mm``.
 - nvfp4 × nvfp4: exact bf16 dequantization + cuBLAS (see :mod:`dmq.kernels.triton.nvfp4`).
 - convolutions: the same int GEMM on an NHWC im2col of the *quantized* input (per-pixel scales become per-tap
-  group scales), when the padded channel count is a multiple of 64; weight-only convs dequantize + cuDNN.
+  group scales), when the padded channel count is a multiple of 64, with smoothing and the low-rank branch (SVDQuant,
+  LoRAs: the down-projection as a 16-bit conv, the up-projection in the epilogue); weight-only convs dequantize +
+  cuDNN (with a branch: the reference).
 
 The kernel layout of a layer's weight (blocked int4, see :mod:`dmq.kernels.layouts`) is built on the first call
 (or by :func:`prepare`) and cached on the layer as a plain attribute (not in the state dict).
@@ -249,8 +251,10 @@ def _im2col(t: torch.Tensor, kh: int, kw: int, stride, padding, dilation) -> tup
 
 
 def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """Kernel forward of a QuantConv2d: quantize the input pixels (NHWC rows), im2col the int8 codes and their
-    scales on the GPU, run the int GEMM with per-(pixel, tap) activation scales as K-groups of one tap."""
+    """Kernel forward of a QuantConv2d (an SVDQuant one too): quantize the smoothed input pixels (NHWC rows), im2col
+    the int8 codes and their scales on the GPU, run the int GEMM with per-(pixel, tap) activation scales as K-groups
+    of one tap. The low-rank branch's kh×kw down-projection runs as a 16-bit convolution of x with ``proj_down /
+    smooth`` (:func:`_folded_down`), its up-projection in the GEMM's epilogue."""
     prep = prepare(layer)
     kh, kw = layer.kernel_size
     cin, cout = layer.in_channels, layer.out_channels
@@ -263,13 +267,21 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
     act_dtype, act_group, ag = _act_args(layer.act_spec)
     b, _, h, w = x.shape
     pix = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)
-    codes, scales, _ = ops.quantize_act(pix.contiguous(), None, None, act_dtype, act_group, False)
+    smooth, proj_down = layer.smooth, layer.proj_down
+    codes, scales, _ = ops.quantize_act(pix.contiguous(), smooth, None, act_dtype, act_group, False)
     cp = codes.shape[1]
     a, ho, wo = _im2col(codes.reshape(b, h, w, cp), kh, kw, layer.stride, layer.padding, layer.dilation)
     sc = scales.reshape(b, h, w, -1)
     a_scales, _, _ = _im2col(sc, kh, kw, layer.stride, layer.padding, layer.dilation)
     w_, fmt, w_scales, w_group = _int_weight(prep, ag or cp)
-    y = ops.gemm_int(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, None, None, layer.bias, x.dtype)
+    lowrank = proj_up = None
+    if proj_down is not None and proj_down.shape[1] > 0:
+        down = _folded_down(prep, smooth, proj_down, x.dtype)      # (K, r), K ordered (kh, kw, Cin)
+        r = down.shape[1]
+        down = down.T.reshape(r, kh, kw, cin).permute(0, 3, 1, 2)
+        lowrank = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation).permute(0, 2, 3, 1)
+        lowrank, proj_up = lowrank.reshape(-1, r), layer.proj_up
+    y = ops.gemm_int(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, lowrank, proj_up, layer.bias, x.dtype)
     return y.reshape(b, ho, wo, cout).permute(0, 3, 1, 2)
 
 
@@ -299,15 +311,15 @@ def _plain_linear_ok(layer, x):
     return type(layer) is QuantLinear and supported(layer, x)
 
 
-def _plain_conv_ok(layer, x):
-    # the conv kernel has no low-rank branch: layers with one (SVDQuant, LoRAs) use the reference
-    return type(layer) is QuantConv2d and layer.proj_down is None and layer.smooth is None and supported(layer, x)
+def _conv_ok(layer, x):
+    # weight-only convs have no fused branch: with one (SVDQuant, LoRAs) they use the reference
+    return supported(layer, x) and (_path(layer) == "int" or (layer.proj_down is None and layer.smooth is None))
 
 
 def _register() -> None:
     # a plain QuantLinear may carry a branch too (LoRAs): pass it like an SVDQuant layer's
     register_kernel(QuantLinear, _plain_linear_ok, svdquant_forward)
-    register_kernel(QuantConv2d, _plain_conv_ok, conv_forward)
+    register_kernel(QuantConv2d, _conv_ok, conv_forward)   # SVDQuantConv2d too: the same forward, default rank
     try:
         from dmq.nn.svdquant import SVDQuantLinear
     except ModuleNotFoundError:  # pragma: no cover - trees without SVDQuant layers

@@ -17,6 +17,7 @@ from torch import nn
 
 from dmq.errors import ConfigError
 from dmq.nn.base import QuantModule
+from dmq.nn.conv import QuantConv2d
 
 __all__ = ["compile_blocks", "repeated_block_classes"]
 
@@ -29,13 +30,38 @@ def _has_gemm(module: nn.Module) -> bool:
     return any(isinstance(m, (nn.Linear, nn.Conv2d, QuantModule)) for m in module.modules() if m is not module)
 
 
+def _conv_blocks(model: nn.Module, declared: tuple[str, ...]) -> tuple[str, ...]:
+    """Classes outside the declared blocks that hold a convolution directly and are instantiated at least twice (a
+    U-Net's ``ResnetBlock2D``, ``Downsample2D``, ``Upsample2D``): diffusers declares only the U-Net's transformer
+    blocks, which left the quantized convolutions' layout copies and im2col to eager kernels."""
+    def is_conv(m: nn.Module) -> bool:   # a split-shortcut conv is a QuantModule of two QuantConv2d
+        return isinstance(m, (nn.Conv2d, QuantConv2d)) or \
+            (isinstance(m, QuantModule) and any(isinstance(s, QuantConv2d) for s in m.modules()))
+
+    inside_declared: set[int] = set()
+    for m in model.modules():
+        if type(m).__name__ in declared:
+            inside_declared.update(id(s) for s in m.modules())
+    counts: Counter = Counter()
+    holds_declared: set[str] = set()
+    for m in model.modules():
+        if m is model or isinstance(m, QuantModule) or id(m) in inside_declared or \
+                not any(is_conv(c) for c in m.children()):
+            continue
+        counts[type(m).__name__] += 1
+        if any(type(s).__name__ in declared for s in m.modules()):
+            holds_declared.add(type(m).__name__)
+    return tuple(c for c, n in counts.items() if n >= 2 and c not in holds_declared)
+
+
 def repeated_block_classes(model: nn.Module) -> tuple[str, ...]:
-    """Class names of the model's repeated blocks: diffusers' ``_repeated_blocks`` when the model declares them,
-    else every non-container class holding a linear or convolution that is instantiated at least twice, with
-    instances inside no other such instance (e.g. PixArt-Σ's ``BasicTransformerBlock``)."""
+    """Class names of the model's repeated blocks: diffusers' ``_repeated_blocks`` when the model declares them
+    (plus the repeated classes holding convolutions outside them, see :func:`_conv_blocks`), else every
+    non-container class holding a linear or convolution that is instantiated at least twice, with instances inside
+    no other such instance (e.g. PixArt-Σ's ``BasicTransformerBlock``)."""
     declared = tuple(getattr(model, "_repeated_blocks", None) or ())
     if declared:
-        return declared
+        return declared + _conv_blocks(model, declared)
     candidates = [(name, m) for name, m in model.named_modules() if not isinstance(m, _CONTAINERS) and _has_gemm(m)]
     counts = Counter(type(m) for _, m in candidates)
     outer: list[str] = []
