@@ -18,7 +18,8 @@ __all__ = ["weight_only_linear", "dequantize_weight", "GEMV_MAX_M"]
 
 GEMV_MAX_M = 16
 # int4b weights and M ≤ this: the CUDA-core GEMV (no MMA tile, no layout conversion). It reads the weights once per
-# row of x: at 2×3072×18432 it took 44 µs on the H100 against 31 µs for the MMA kernel (24 µs at M = 1).
+# row of x: at 2×3072×18432 it took 44 µs on the H100 against 32 µs for the MMA kernel, 24 µs at M = 1
+# (benchmarks/gemv_variants.py, benchmarks/kernels.py).
 ELT_MAX_M = 1
 _FMT = {"int4b": 0, "int8": 1, "fp4": 2}
 
@@ -42,8 +43,7 @@ def _load_halves(w_ptr, rn, k0, KW, stride_wn, rk, FMT: tl.constexpr, BKH: tl.co
     elif FMT == 1:    # int8
         k_lo = k0 + rk
         k_hi = k0 + BKH + rk
-        # int8 → float by conversion: the conversion-free decode made this path slower on the H100 (exp: 25 → 32 µs
-        # at 1×3072×18432), unlike int4b's
+        # int8 → float by conversion: the conversion-free decode (as int4b's) was slower here in a one-off H100 run
         lo = tl.load(rows + k_lo[None, :], mask=k_lo[None, :] < KW, other=0).to(tl.float32)
         hi = tl.load(rows + k_hi[None, :], mask=k_hi[None, :] < KW, other=0).to(tl.float32)
     else:             # fp4 pairs: low nibble k0 + 2j, high nibble k0 + 2j + 1
