@@ -41,7 +41,7 @@ MAGIC = tl.constexpr(12582912.0)      # 1.5 * 2**23: fp32 values in [2**23, 2**2
 MAGIC_BITS = tl.constexpr(0x4B400000)  # its bit pattern
 # The pre-pass tiling, swept on the H100 (FLUX 1×24×4608×128, PixArt-Σ 2×16×4096×72, SDXL 2×10×4096×64; codes are
 # bit-identical for every tiling): 4 warps instead of 8 took FLUX from 0.085 to 0.061 ms and PixArt-Σ from 0.174 to
-# 0.069 ms; 8 or 32 channels per V program and 256–2048 tokens per load were within 10 % of this choice at FLUX
+# 0.069 ms; 8 or 32 channels per V program and 512–2048 tokens per load were within 10 % of this choice at FLUX
 # (benchmarks/attention_prepass.py).
 V_CHANNELS = 16    # channels per V program (32-byte rows of 16-bit V; 8 programs per head at D = 128)
 V_TOKENS = 1024    # tokens per V load (32 KB): fewer, larger loads for the two serial passes over the sequence
