@@ -1,8 +1,8 @@
 """W4A16 (int4b, g64) GEMV design variants at the modulation shapes (issue 7's 2.5× GEMV target), in one process:
-the CUDA-core kernel with int→float conversions or the conversion-free decode (``MAGIC``), and the MMA kernel with
-the decoded weight as the first operand (``swap``: ``DECODE`` 0 = conversions, 1 = conversion-free fp32 then 16-bit,
-2 = 16-bit magic numbers with an offset correction), each over a few tile configs (the best is kept), against bf16
-``F.linear`` and dmq's current ``weight_only_linear``. Writes ``benchmarks/results/gemv-variants-<device>.json``.
+dmq's CUDA-core kernel (``_gemv_int4b_kernel``, one program per row of x) and an MMA kernel with the decoded weight
+as the first operand (``swap``: ``DECODE`` 0 = int→float conversions, 1 = conversion-free fp32 then 16-bit, 2 = 16-bit
+magic numbers with an offset correction), each over a few tile configs (the best is kept), against bf16 ``F.linear``
+and dmq's ``weight_only_linear`` (which picks a kernel by M). Writes ``benchmarks/results/gemv-variants-<device>.json``.
 
     python benchmarks/gemv_variants.py
 """
@@ -23,40 +23,6 @@ from dmq.formats import QuantSpec  # noqa: E402
 from dmq.kernels._common import small_int_f32  # noqa: E402
 from dmq.kernels.reference import weight_only as rwo  # noqa: E402
 from dmq.kernels.triton import weight_only as two  # noqa: E402
-
-
-@triton.jit
-def _elt(x_ptr, w_ptr, ws_ptr, b_ptr, o_ptr, M, N, K, GW, stride_xm, stride_wn, stride_wsn, stride_om,
-         MAGIC: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
-    m = tl.program_id(0)
-    on = tl.program_id(1) * BN + tl.arange(0, BN)
-    rn = on % N
-    rb = tl.arange(0, NB)
-    rj = tl.arange(0, 64)
-    wrow = w_ptr + rn[:, None, None] * stride_wn + rb[None, :, None] * 64 + rj[None, None, :]
-    acc = tl.zeros((BN, NB), dtype=tl.float32)
-    for k0 in range(0, K, NB * 128):
-        if MAGIC:
-            p = tl.load(wrow + k0 // 2).to(tl.int32)
-            lo = small_int_f32((p & 15) ^ 8, 8)
-            hi = small_int_f32((p >> 4) ^ 8, 8)
-        else:
-            p = tl.load(wrow + k0 // 2).to(tl.int8, bitcast=True)
-            lo = ((p << 4) >> 4).to(tl.float32)
-            hi = (p >> 4).to(tl.float32)
-        kk = k0 + rb[:, None] * 128 + rj[None, :]
-        x_lo = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + m * stride_xm + kk + 64, mask=kk + 64 < K, other=0.0).to(tl.float32)
-        p_lo = tl.sum(lo * x_lo[None, :, :], axis=2)
-        p_hi = tl.sum(hi * x_hi[None, :, :], axis=2)
-        g_lo = (k0 + rb * 128) // GW
-        g_hi = (k0 + rb * 128 + 64) // GW
-        s_lo = tl.load(ws_ptr + rn[:, None] * stride_wsn + g_lo[None, :], mask=(k0 + rb * 128)[None, :] < K, other=0.0)
-        s_hi = tl.load(ws_ptr + rn[:, None] * stride_wsn + g_hi[None, :], mask=(k0 + rb * 128 + 64)[None, :] < K,
-                       other=0.0)
-        acc += p_lo * s_lo.to(tl.float32) + p_hi * s_hi.to(tl.float32)
-    out = tl.sum(acc, axis=1) + tl.load(b_ptr + rn).to(tl.float32)
-    tl.store(o_ptr + m * stride_om + on, out.to(o_ptr.dtype.element_ty), mask=on < N)
 
 
 @triton.jit
@@ -130,16 +96,15 @@ for (m, k, n, dt) in ((1, 3072, 18432, torch.bfloat16), (2, 3072, 18432, torch.b
     found = {"bf16": (t_bf16, "", None),
              "dmq-weight_only_linear": (bench(lambda: two.weight_only_linear(x, w4, s4, "int4b", 64, b))[0], "",
                                         rel(two.weight_only_linear(x, w4, s4, "int4b", 64, b), ref))}
-    for magic in (0, 1):
-        for bn, nb, nw in ELT:
-            def f(bn=bn, nb=nb, nw=nw):
-                _elt[(m, triton.cdiv(n, bn))](x, w4, s4, b, o, m, n, k, 64, x.stride(0), w4.stride(0), s4.stride(0),
-                                              o.stride(0), MAGIC=magic, BN=bn, NB=nb, num_warps=nw)
-            f()
-            t, e = bench(f)[0], rel(o, ref)
-            key = f"cuda-core-magic{magic}"
-            if key not in found or t < found[key][0]:
-                found[key] = (t, f"BN={bn},NB={nb},w{nw}", e)
+    for bn, nb, nw in ELT:
+        def f(bn=bn, nb=nb, nw=nw):
+            two._gemv_int4b_kernel[(m, triton.cdiv(n, bn))](x, w4, s4, b, o, m, n, k, 64, x.stride(0), w4.stride(0),
+                                                            s4.stride(0), o.stride(0), W_GROUP=True, HAS_BIAS=True,
+                                                            BN=bn, NB=nb, num_warps=nw)
+        f()
+        t, e = bench(f)[0], rel(o, ref)
+        if "cuda-core" not in found or t < found["cuda-core"][0]:
+            found["cuda-core"] = (t, f"BN={bn},NB={nb},w{nw}", e)
     for dec in (0, 1, 2):
         for bn, nw, st in SWAP:
             def f(bn=bn, nw=nw, st=st):
