@@ -31,7 +31,7 @@ from dmq.pipelines.quantize import DMQ_CONFIG_ATTR, activate_runtime, denoiser_n
 from dmq.report import LayerEntry, QuantReport
 
 __all__ = ["save_quantized", "load_quantized", "base_fingerprint", "quantized_components", "check_quant_config",
-           "build_shells", "check_tensor_names", "install_layers", "INDEX_FILE", "WEIGHTS_NAME", "FORMAT_VERSION"]
+           "build_shells", "check_tensor_names", "check_tensors", "install_layers", "INDEX_FILE", "WEIGHTS_NAME", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,17 @@ def check_tensor_names(where: str, expected: set[str], found: set[str]) -> None:
                                       f"unexpected {extra})")
 
 
+def check_tensors(where: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """CheckpointMismatchError unless a checkpoint holds exactly the expected tensor names, each with the expected
+    shape and dtype (checked before anything is installed, so that loading cannot fail halfway)."""
+    check_tensor_names(where, set(expected), set(found))
+    bad = [f"{k}: {tuple(found[k].shape)} {found[k].dtype}, expected {tuple(t.shape)} {t.dtype}"
+           for k, t in sorted(expected.items()) if found[k].shape != t.shape or found[k].dtype != t.dtype]
+    if bad:
+        raise CheckpointMismatchError(f"{where}: checkpoint tensors have other shapes or dtypes than the model's "
+                                      f"({'; '.join(bad[:3])})")
+
+
 def install_layers(model: nn.Module, layers: dict[str, nn.Module]) -> None:
     """Put ``layers`` (by module name) into ``model`` in place of the modules of those names."""
     for lname, layer in layers.items():
@@ -213,9 +224,9 @@ def _prepare_component(model: nn.Module, name: str, cdir: Path, fusions: ExitSta
     # kernels can pick another summation order for a misaligned mmap-ed tensor
     shells = {lname: shell.to_empty(device=device) for lname, shell in build_shells(layers, name).items()}
     state = load_file(str(cdir / WEIGHTS_NAME), device=str(device))
-    expected = set(_kept_state(model, layers))
-    expected |= {f"{lname}.{k}" for lname, shell in shells.items() for k in shell.state_dict()}
-    check_tensor_names(name, expected, set(state))
+    expected = dict(_kept_state(model, layers))
+    expected.update({f"{lname}.{k}": t for lname, shell in shells.items() for k, t in shell.state_dict().items()})
+    check_tensors(name, expected, state)
     return shells, state, config
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from dmq.config import QuantConfig, get_preset
 from dmq.errors import (CalibrationRequiredError, CheckpointMismatchError, ConfigError, NonFiniteError,
                         UnsupportedModuleError, UnsupportedPipelineError)
 from dmq.formats import QuantSpec
+from dmq.nn.base import QuantModule
 from tiny_pipelines import build_pipeline
 
 
@@ -172,6 +174,31 @@ def test_load_corrupt_tensors(saved_dit):
     save_file(state, str(f))
     with pytest.raises(CheckpointMismatchError, match="missing"):
         dmq.load_quantized(saved_dit, build_pipeline("dit"))
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_load_tensor_of_another_shape_or_dtype_leaves_the_pipeline_unchanged(tmp_path, change):
+    """A two-component checkpoint whose second component holds a tensor of another shape (or dtype) fails before
+    the first component is installed."""
+    from safetensors.torch import load_file, save_file
+
+    pipe = dmq.quantize_pipeline(build_pipeline("sd"), "w8a8", components=["unet", "text_encoder"], progress=False)
+    path = dmq.save_quantized(pipe, tmp_path / "q")
+    names = json.loads((path / "dmq_index.json").read_text())["components"]
+    assert names == ["text_encoder", "unet"]                # the text encoder would be installed first
+    f = path / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(f))
+    key = next(k for k in state if k.endswith("qweight"))
+    state[key] = state[key][:-1] if change == "shape" else state[key].float()
+    save_file(state, str(f))
+    fresh = build_pipeline("sd")
+    snap, encoder = _snapshot(fresh), {k: v.clone() for k, v in fresh.text_encoder.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match="other shapes or dtypes"):
+        dmq.load_quantized(path, fresh)
+    _assert_unchanged(fresh, snap)
+    assert not any(isinstance(m, QuantModule) for m in fresh.text_encoder.modules())
+    now = fresh.text_encoder.state_dict()
+    assert now.keys() == encoder.keys() and all(torch.equal(now[k], encoder[k]) for k in encoder)
 
 
 def test_load_from_non_checkpoint(tmp_path):
