@@ -9,11 +9,11 @@ FLUX / PixArt-Σ / SDXL shapes, all in one process. Prints ratios vs bf16 and as
 
 Variant names: ``dmq-w4a4-*-r32``: the resident int4 weight is expanded to an int8 workspace per call, then the
 int8 (TMA on Hopper) GEMM; ``+2lora`` = rank 32 + 16 + 16; ``-inloop`` = nibbles unpacked inside the GEMM's K loop
-(weight tile as the MMA's first operand); ``-unpack`` (w4a8) = the per-call int8 workspace; ``-cublas-down`` = the
-low-rank down-projection as a separate cuBLAS GEMM instead of inside the per-token quantization kernel
-(``quant_act.FUSE_DOWN``). The layer paths take ``proj_down / smooth`` folded once, as the layers cache it. The layer path
-(dmq.kernels.linear, INT4_GEMM="auto") is ``dmq-w4a4-ch-r32`` without group scales and ``-inloop`` with them; ``abl-*`` = ablations (quantization with / without the down-projection, unpack
-alone, GEMM with / without its epilogue, without group scales).
+(weight tile as the MMA's first operand); ``-unpack`` (w4a8) = the per-call int8 workspace. The layer paths take
+``proj_down / smooth`` folded once (``folded_down``), as the layers cache it. The layer path (dmq.kernels.linear,
+INT4_GEMM="auto") is ``dmq-w4a4-ch-r32`` without group scales and ``-inloop`` with them; ``abl-*`` = ablations
+(quantization with / without the down-projection, unpack alone, GEMM with / without its epilogue, without group
+scales).
 
 Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``): GPU time without Python launch overhead,
 as under torch.compile + CUDA graphs. Fidelity: SQNR (dB) of each variant's output vs the fp32 float linear
@@ -80,20 +80,6 @@ def bench(fn) -> tuple[float, str]:
 def sqnr(y: torch.Tensor, ref: torch.Tensor) -> float:
     err = (y.float() - ref.float()).pow(2).sum().item()
     return float("inf") if err == 0 else 10 * math.log10(ref.float().pow(2).sum().item() / err)
-
-
-def cublas_down(fn):
-    """``fn`` with the low-rank down-projection as a separate cuBLAS GEMM (``quant_act.FUSE_DOWN`` off while it
-    runs, CUDA-graph capture included)."""
-    from dmq.kernels.triton import quant_act as tq
-
-    def run(xx):
-        tq.FUSE_DOWN = False
-        try:
-            return fn(xx)
-        finally:
-            tq.FUSE_DOWN = True
-    return run
 
 
 def best_config(tuned) -> str | None:
@@ -196,8 +182,6 @@ def gemm_variants(m, k, n, dev):
             return lambda xx: ops.quantized_linear(xx, smooth, None, pur, unpack(wq, wsc, wg, kp_a), wsc, "int8", wg,
                                                    b, "int4", ag, folded_down=folded[pdr.shape[1]])
         v[f"dmq-w4a4-{tag}-r32"] = (layer_path(pd, pu), True, bpp + branch(32), tk)
-        if not ag:   # (group-scaled activations always take the cuBLAS down-projection)
-            v[f"dmq-w4a4-{tag}-r32-cublas-down"] = (cublas_down(layer_path(pd, pu)), True, bpp + branch(32), tk)
         v[f"dmq-w4a4-{tag}-r32+2lora"] = (layer_path(pd64, pu64), False, bpp + branch(64), tk)
         v[f"dmq-w4a4-{tag}-r32-inloop"] = (
             (lambda wq, wsc, wg, ag: lambda xx: ops.quantized_linear(xx, smooth, pd, pu, wq, wsc, "int4b", wg, b,
@@ -211,14 +195,12 @@ def gemm_variants(m, k, n, dev):
         v[f"dmq-w4a4-{tag}-r32-unfused"] = (unfused, True, bpp + branch(32), tk)
 
         # ablations on pre-quantized activations / pre-unpacked weights
-        codes, sc, lr = tq.quantize_act(x, smooth, folded[32], "int4", ag, False, True)
+        codes, sc, lr = tq.quantize_act(x, smooth, pd, "int4", ag, False)
         w8c = unpack(wq, wsc, wg, kp_a)
-        quant_down = (lambda ag: lambda xx: tq.quantize_act(xx, smooth, folded[32], "int4", ag, False, True))(ag)
-        v[f"abl-{tag}-quant+down-only"] = (quant_down, False, None, None if ag else tq._token_lr_tuned)
-        if not ag:
-            v[f"abl-{tag}-quant+cublas-down"] = (cublas_down(quant_down), False, None, None)
+        v[f"abl-{tag}-quant+down-only"] = ((lambda ag: lambda xx: (
+            tq.quantize_act(xx, smooth, None, "int4", ag, False), xx @ folded[32]))(ag), False, None, None)
         v[f"abl-{tag}-quant-only"] = ((lambda ag: lambda xx: tq.quantize_act(xx, smooth, None, "int4", ag, False))
-                                      (ag), False, None, None if ag else tq._token_tuned)
+                                      (ag), False, None, None)
         v[f"abl-{tag}-unpack-only"] = ((lambda wq, wsc, wg, kp_a: lambda xx: unpack(wq, wsc, wg, kp_a))
                                        (wq, wsc, wg, kp_a), False, None, None)
         v[f"abl-{tag}-gemm+epilogue"] = ((lambda w8c, wsc, wg, ag, codes, sc, lr: lambda xx: tg.gemm_int(
@@ -246,13 +228,9 @@ def gemm_variants(m, k, n, dev):
         return lambda xx: ops.quantized_linear(xx, smooth, None, pur, expand2(), s2w, "int8", 0, b, "int4_2l", 64,
                                                folded_down=folded[pdr.shape[1]])
     v["dmq-w4a4-2l-r32"] = (path2(pd, pu), True, bpp2 + branch(32), "tma")
-    v["dmq-w4a4-2l-r32-cublas-down"] = (cublas_down(path2(pd, pu)), True, bpp2 + branch(32), "tma")
     v["dmq-w4a4-2l-r32+2lora"] = (path2(pd64, pu64), False, bpp2 + branch(64), "tma")
-    quant_down2 = lambda xx: tq.quantize_act(xx, smooth, folded[32], "int4_2l", 64, False, True)  # noqa: E731
-    v["abl-2l-quant+down-only"] = (quant_down2, False, None, tq._token_lr_tuned)
-    v["abl-2l-quant+cublas-down"] = (cublas_down(quant_down2), False, None, None)
-    v["abl-2l-quant-only"] = (lambda xx: tq.quantize_act(xx, smooth, None, "int4_2l", 64, False), False, None,
-                              tq._token_tuned)
+    v["abl-2l-quant+down-only"] = (lambda xx: (tq.quantize_act(xx, smooth, None, "int4_2l", 64, False),
+                                               xx @ folded[32]), False, None, None)
     v["abl-2l-unpack-only"] = (lambda xx: expand2(), False, None, None)
     return x, w, b, v
 
@@ -283,7 +261,7 @@ def run_gemm_case(name, m, k, n, dev, rows):
         if fid:
             row["sqnr_db"] = round(sqnr(fn(x)[:FID_ROWS], y_ref), 2)
         if tuned:
-            row["config"] = best_config(tg._TUNED[tuned] if isinstance(tuned, str) else tuned)
+            row["config"] = best_config(tg._TUNED[tuned])
         rows.append(row)
         print(f"{name:18s} {vname:38s} {ms:8.4f} ms  x{row['ratio_vs_bf16'] or 0:5.2f} bf16  "
               f"{row['frac_of_fp8'] or 0:5.2f} of fp8  {row.get('sqnr_db', '')}")
@@ -372,8 +350,7 @@ def _run_checks(dev, rows):
             x = (torch.randn(m, k, device=dev) * 2).to(dt)
             sm = (torch.rand(k, device=dev) + .5).half()
             pd = (torch.randn(k, 48, device=dev) / 8).to(dt)
-            for qd, g, pk in (("int4", 64, False), ("int4", 0, True), ("int8", 0, False), ("fp8_e4m3", 0, False),
-                              ("int4_2l", 64, False)):
+            for qd, g, pk in (("int4", 64, False), ("int4", 0, True), ("int8", 0, False), ("fp8_e4m3", 0, False)):
                 def f(m=m, k=k, x=x, qd=qd, g=g, pk=pk):
                     a = tq.quantize_act(x, sm, pd, qd, g, pk)
                     r = rq.quantize_act(x, sm, pd, qd, g, pk)
@@ -382,28 +359,6 @@ def _run_checks(dev, rows):
                     e = rel(a[2], r[2])
                     record(f"quant_act {dn} {qd} g{g} p{int(pk)} M{m} K{k}", ok and e < 1e-2, e)
                 guard(f"quant_act {dn} {qd} M{m}", f)
-        def f_token_configs():
-            """Every autotuning config of the per-token kernel with the down-projection fused (as the autotuner
-            may pick any): codes and scales exact, lowrank close."""
-            m, k, r = 300, 3072, 48
-            x = (torch.randn(m, k, device=dev) * 2).to(dt)
-            sm = (torch.rand(k, device=dev) + .5).half()
-            down = (torch.randn(k, r, device=dev) / 8).to(dt)
-            for qd, g in (("int4_2l", 64), ("int8", 0)):
-                ref = rq.quantize_act(x, sm, down, qd, g, False, True)
-                for c in tq._token_prune(tq._TOKEN_LR_CONFIGS, {"KP": ref[0].shape[1]}):
-                    codes, scales = torch.empty_like(ref[0]), torch.empty_like(ref[1])
-                    lr = torch.full_like(ref[2], float("nan"))
-                    tq._token_h[(-(-m // c.kwargs["BM"]),)](
-                        x, sm, down, codes, scales, lr, m, k, codes.shape[1], r, 512, x.stride(0), codes.stride(0),
-                        down.stride(0), lr.stride(0), HAS_SMOOTH=True, IS_FP8=False,
-                        QMAX=float(127 if qd == "int8" else 7), PACK=False,
-                        TWO_LEVEL_GROUP=g if qd == "int4_2l" else 0, BR=64, num_warps=c.num_warps, **c.kwargs)
-                    ok = torch.equal(codes, ref[0]) and torch.equal(scales, ref[1])
-                    e = rel(lr, ref[2])
-                    record(f"quant_act+down {dn} {qd} BM{c.kwargs['BM']} BK{c.kwargs['BK']} w{c.num_warps}",
-                           ok and e < 1e-2, e)
-        guard(f"quant_act+down configs {dn}", f_token_configs)
         for m, k, n, fmt, ag, wg, r in ((1, 64, 37, "int8", 0, 0, 0), (37, 200, 50, "int4b", 64, 64, 24),
                                         (130, 3072, 300, "int4b", 0, 0, 32), (130, 1152, 200, "int4b", 0, 128, 0),
                                         (130, 1152, 200, "int8", 64, 0, 16), (300, 3072, 1000, "int8", 0, 0, 64),

@@ -108,53 +108,21 @@ def test_quantize_act_codes_equal_formats_quantize(qdtype, group):
 
 
 @pytest.mark.parametrize("qdtype,group", [("int8", 0), ("int4_2l", 64), ("int4", 0)])
-@pytest.mark.parametrize("rank", [0, 24])
-def test_every_per_token_config_is_exact(qdtype, group, rank):
-    """Each autotuning config of the per-token kernel (rows per program, K step, as pruned for the row length; one
-    pass where a row fits one step), without and with the down-projection in its first pass, gives the reference's
-    codes and scales bit for bit, and its low-rank output within TOL."""
+def test_every_per_token_config_is_exact(qdtype, group):
+    """Each autotuning config of the per-token kernel (rows per program, K step, as pruned for the row length)
+    gives the reference's codes and scales bit for bit."""
     m, k = 9, 700
     x = _x(m, k)
-    smooth = (torch.rand(k, generator=torch.Generator().manual_seed(1)) + 0.5).half()
-    down = (torch.randn(k, rank, generator=torch.Generator().manual_seed(2)) / 8).half()
-    ref = rq.quantize_act(x, smooth, down if rank else None, qdtype, group, False, True)
-    configs = tq._token_prune(tq._TOKEN_LR_CONFIGS if rank else tq._TOKEN_CONFIGS, {"KP": ref[0].shape[1]})
+    ref = rq.quantize_act(x, None, None, qdtype, group, False)
+    configs = tq._token_prune(tq._TOKEN_CONFIGS, {"KP": ref[0].shape[1]})
     assert len(configs) >= 4 and all(c.kwargs["BK"] <= 1024 for c in configs)
-    assert any(tq._one_pass({"KP": ref[0].shape[1], **c.kwargs}) for c in configs)
-    assert all(c.kwargs["BM"] >= 16 for c in configs) or not rank       # the MMA's M on a GPU
     for c in configs:
         codes, scales = torch.empty_like(ref[0]), torch.empty_like(ref[1])
-        lowrank = torch.full((m, rank), float("nan"), dtype=x.dtype)
-        dn, lr = (down, lowrank) if rank else (x, x)
-        tq._token_h[(triton.cdiv(m, c.kwargs["BM"]),)](
-            x, smooth, dn, codes, scales, lr, m, k, codes.shape[1], rank, 16, x.stride(0), codes.stride(0),
-            dn.stride(0), lr.stride(0), HAS_SMOOTH=True, IS_FP8=False, QMAX=float(127 if qdtype == "int8" else 7),
-            PACK=False, TWO_LEVEL_GROUP=group if qdtype == "int4_2l" else 0, BR=32 if rank else 0, **c.kwargs)
+        tq._token_kernel[(triton.cdiv(m, c.kwargs["BM"]),)](
+            x, x, codes, scales, m, k, codes.shape[1], 16, x.stride(0), codes.stride(0), HAS_SMOOTH=False,
+            IS_FP8=False, QMAX=float(127 if qdtype == "int8" else 7), PACK=False,
+            TWO_LEVEL_GROUP=group if qdtype == "int4_2l" else 0, **c.kwargs)
         assert torch.equal(codes, ref[0]) and torch.equal(scales, ref[1]), c
-        if rank:
-            _close(lowrank, ref[2])
-
-
-def test_folded_down_projection_multiplies_x_as_it_is():
-    """down_folded=True: the branch is x · proj_down (the caller folded 1 / smooth into it), in the reference, the
-    Triton launcher (fused into the per-token kernel, and as a GEMM beside the group kernel) and the op; and it
-    equals the unfolded branch within 16-bit rounding."""
-    from dmq.kernels._common import fold_down
-
-    x = _x(37, 100)
-    smooth = (torch.rand(100, generator=torch.Generator().manual_seed(1)) + 0.5).half()
-    pd = (torch.randn(100, 24, generator=torch.Generator().manual_seed(2)) / 8).half()
-    folded = fold_down(smooth, pd, x.dtype)
-    for qdtype, group in (("int4_2l", 64), ("int8", 0), ("int4", 64)):
-        ref = rq.quantize_act(x, smooth, folded, qdtype, group, False, True)
-        assert torch.equal(ref[2], (x.float() @ folded.float()).half())
-        _close(ref[2], rq.quantize_act(x, smooth, pd, qdtype, group, False)[2])
-        for got in (tq.quantize_act(x, smooth, folded, qdtype, group, False, True),
-                    torch.ops.dmq.quantize_act(x, smooth, folded, qdtype, group, False, True)):
-            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-            _close(got[2], ref[2])
-    with pytest.raises(ValueError, match="folded proj_down must have x's dtype"):
-        tq.quantize_act(x, smooth, folded.float().bfloat16(), "int8", 0, False, True)
 
 
 def test_two_level_act_codes_are_formats_codes_times_sub_scales():

@@ -4,7 +4,7 @@ compiled models trace them as single nodes, without graph breaks.
 
 Ops (signatures as in :mod:`dmq.kernels.reference`):
 
-- ``quantize_act(x, smooth?, proj_down?, qdtype, group_size, pack, down_folded=False) -> (codes, scales, lowrank)``
+- ``quantize_act(x, smooth?, proj_down?, qdtype, group_size, pack) -> (codes, scales, lowrank)``
 - ``gemm_int(a, a_scales, w, w_scales, w_format, a_group, w_group, lowrank?, proj_up?, bias?, out_dtype) -> y``
 - ``weight_only_linear(x, w, w_scales, w_format, w_group, bias?) -> y`` (GEMV for M ≤ 16, else dequantize + cuBLAS)
 - ``dequantize_weight(w, w_scales, w_format, w_group, k, out_dtype) -> w16``
@@ -52,17 +52,17 @@ def _tk(name: str):
 # -- quantize_act ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("dmq::quantize_act", mutates_args=())
 def quantize_act(x: Tensor, smooth: Optional[Tensor], proj_down: Optional[Tensor], qdtype: str, group_size: int,
-                 pack: bool, down_folded: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    return _ref_quant.quantize_act(x, smooth, proj_down, qdtype, group_size, pack, down_folded)
+                 pack: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _ref_quant.quantize_act(x, smooth, proj_down, qdtype, group_size, pack)
 
 
 @quantize_act.register_kernel("cuda")
-def _(x, smooth, proj_down, qdtype, group_size, pack, down_folded=False):
-    return _tk("quant_act").quantize_act(x, smooth, proj_down, qdtype, group_size, pack, down_folded)
+def _(x, smooth, proj_down, qdtype, group_size, pack):
+    return _tk("quant_act").quantize_act(x, smooth, proj_down, qdtype, group_size, pack)
 
 
 @quantize_act.register_fake
-def _(x, smooth, proj_down, qdtype, group_size, pack, down_folded=False):
+def _(x, smooth, proj_down, qdtype, group_size, pack):
     spec = _ref_quant.act_spec(qdtype, group_size)
     m, k = x.shape
     kp = padded_channels(spec, k)
@@ -233,8 +233,9 @@ def quantized_linear(x: Tensor, smooth: Optional[Tensor], proj_down: Optional[Te
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if folded_down is not None:   # the branch from a cached proj_down / smooth: no folding per call
-        codes, scales, lowrank = fast("quantize_act", x2)(x2, smooth, folded_down, act_dtype, act_group, False, True)
+    if folded_down is not None:   # the branch input from a cached proj_down / smooth: one GEMM, no folding
+        codes, scales, _ = fast("quantize_act", x2)(x2, smooth, None, act_dtype, act_group, False)
+        lowrank = x2 @ folded_down
         has_lr = folded_down.shape[1] > 0
     else:
         codes, scales, lowrank = fast("quantize_act", x2)(x2, smooth, proj_down, act_dtype, act_group, False)

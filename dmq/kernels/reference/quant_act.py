@@ -28,8 +28,7 @@ def act_spec(qdtype: str, group_size: int) -> QuantSpec:
 
 
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor | None, qdtype: str,
-                 group_size: int, pack: bool, down_folded: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 group_size: int, pack: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize the rows of ``x · (1 / smooth)`` and project them onto ``proj_down``.
 
     x: ``(M, K)`` 16-bit. smooth: ``(K,)`` or None (activations are multiplied by its fp32 reciprocal).
@@ -41,8 +40,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     Returns ``codes`` (int8 ``(M, Kp)``, uint8 ``(M, Kp/2)`` when packed, float8 ``(M, K)`` for fp8), ``scales``
     (fp32 ``(M,)`` per token, fp16 ``(M, Kp/g)`` per group) and ``lowrank`` ``(M, R)`` in x's dtype
     (``(M, 0)`` without proj_down). lowrank is ``(x / smooth)`` rounded to proj_down's dtype, times proj_down,
-    accumulated in fp32. down_folded: proj_down is already ``proj_down / smooth`` in x's dtype
-    (:func:`dmq.kernels._common.fold_down`) and multiplies x as it is: lowrank = x · proj_down, accumulated in fp32.
+    accumulated in fp32.
 
     Codes and scales follow :func:`dmq.formats.quantize` (scale = amax / qmax, rounded to fp16 for groups; codes
     = round-half-even(x · (1 / scale)), clamped) with every division correctly rounded, bit for bit on every device.
@@ -53,13 +51,12 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     qt = spec.qtype
     m, k = x.shape
     xs = smoothed(x, smooth)
-    lowrank = _lowrank(x, x if down_folded else xs, proj_down)
     kp = padded_channels(spec, k)
     if spec.two_level:
         q = quantize(xs.reshape(m, 1, k), spec)
         products = unpack_int4(q.codes.reshape(m, -1)).to(torch.int16) * q.scales.to(torch.int16).repeat_interleave(
             group_size, dim=1)
-        return products.to(torch.int8).contiguous(), q.scale2.contiguous(), lowrank
+        return products.to(torch.int8).contiguous(), q.scale2.contiguous(), _lowrank(x, xs, proj_down)
     xb = torch.nn.functional.pad(xs, (0, kp - k)).reshape(m, kp // group_size if group_size else 1, -1)
     amax = xb.abs().amax(dim=-1, keepdim=True)
     s = amax / torch.full_like(amax, qt.qmax)          # a tensor divisor: IEEE division on every device
@@ -73,7 +70,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
         if pack:
             codes = pack_nibbles(codes)
     scales = s.reshape(m, -1).to(torch.float16) if group_size else s.reshape(m)
-    return codes.contiguous(), scales.contiguous(), lowrank
+    return codes.contiguous(), scales.contiguous(), _lowrank(x, xs, proj_down)
 
 
 def smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
@@ -84,8 +81,7 @@ def smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
 
 
 def _lowrank(x: torch.Tensor, xs: torch.Tensor, proj_down: torch.Tensor | None) -> torch.Tensor:
-    """``xs (M, K)`` (fp32, or x itself) rounded to proj_down's dtype, times ``proj_down (K, R)`` in fp32, → x's
-    dtype."""
+    """``xs (M, K)`` fp32 rounded to proj_down's dtype, times ``proj_down (K, R)`` in fp32 → x's dtype."""
     if proj_down is None:
         return x.new_empty((x.shape[0], 0))
     return (xs.to(proj_down.dtype).to(torch.float32) @ proj_down.to(torch.float32)).to(x.dtype)

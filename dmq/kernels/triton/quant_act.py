@@ -1,12 +1,11 @@
-"""Activation quantization: x is multiplied by ``1 / smooth`` and quantized to int4 / int8 / fp8 codes, and the
-low-rank down-projection ``(x / smooth) · proj_down`` is computed as ``x · (proj_down / smooth)``.
+"""Activation quantization: x is divided by ``smooth`` and quantized to int4 / int8 / fp8 codes; the low-rank
+down-projection ``(x / smooth) · proj_down`` is one cuBLAS GEMM ``x · (proj_down / smooth)``.
 
 Per token, one program owns a few whole rows (autotuned) and makes two passes over them (row maxima, then codes;
-the second read mostly hits L2), or one when a row fits one K step; two-level int4 groups go through it too (their
-second-level scale is per token). With a low-rank branch the first pass also accumulates ``x · down`` (a
-``(BM, BK) × (BK, R)`` MMA per K step, fp32), so x is read from memory once for both (:data:`FUSE_DOWN`). Per
-group, the grid is 2-D, (row blocks) × (K chunks), so that a few thousand tokens still fill the GPU, and the
-down-projection is a cuBLAS GEMM. Reference: :mod:`dmq.kernels.reference.quant_act`.
+the second read mostly hits L2), one launch; two-level int4 groups go through it too (their second-level scale is
+per token). Per group, the grid is 2-D, (row blocks) × (K chunks), so that a few thousand tokens still fill the GPU.
+An in-kernel down-projection (a 16-row MMA per K step) cost 3-5x the quantization itself on the H100 (issue 7
+measurements), hence cuBLAS. Reference: :mod:`dmq.kernels.reference.quant_act`.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dmq.kernels._common import (FLOAT16, bench_fn, check, encode_e4m3, fixed_co
                                 rcp, rint_small)
 from dmq.kernels.reference.quant_act import TWO_LEVEL, act_spec
 
-__all__ = ["quantize_act", "FUSE_DOWN"]
+__all__ = ["quantize_act"]
 
 _BM = 32                 # rows per program of the group kernel
 _TARGET_PROGRAMS = 1024  # enough programs for 132 SMs several times over
@@ -30,46 +29,18 @@ _TARGET_PROGRAMS = 1024  # enough programs for 132 SMs several times over
 # at K = 12288 that took 0.14 ms vs 0.095 ms for the one-pass group kernel (issue 7, kernels-h100.json)
 _TOKEN_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=w)
                   for bm, bk, w in ((16, 512, 8), (8, 1024, 8), (4, 2048, 8), (8, 512, 4), (4, 1024, 4), (2, 2048, 4))]
-# with the down-projection in the first pass: at least 16 rows (the MMA's M), fewer columns per step
-_TOKEN_LR_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=w)
-                     for bm, bk, w in ((16, 256, 4), (16, 512, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4),
-                                       (16, 1024, 8), (32, 256, 8))]
 _TOKEN_BM = 16           # the interpreter's fixed config (no autotuning there)
-# Compute the low-rank down-projection inside the per-token kernel (True) or as a separate cuBLAS GEMM (False; the
-# benchmark times both). The fused kernel serves ranks up to FUSE_DOWN_MAX_R (its fp32 accumulator is BM × R).
-FUSE_DOWN = True
-FUSE_DOWN_MAX_R = 128
 SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when it is a constexpr
 
 
 @triton.jit
-def _load_x(x_ptr, rm, rk, M, K, stride_xm):
-    """A (BM, BK) tile of x as stored (16-bit), zeros outside."""
-    return tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                   other=0.0)
-
-
-@triton.jit
-def _smoothed(x, sm_ptr, rk, K, HAS_SMOOTH: tl.constexpr):
-    """fp32 ``x · (1 / smooth)`` of a tile (the reference's :func:`~dmq.kernels.reference.quant_act.smoothed`)."""
-    xs = x.to(tl.float32)
+def _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         sm = tl.load(sm_ptr + rk, mask=rk < K, other=1.0).to(tl.float32)
-        xs = xs * rcp(sm)[None, :]
-    return xs
-
-
-@triton.jit
-def _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
-    return _smoothed(_load_x(x_ptr, rm, rk, M, K, stride_xm), sm_ptr, rk, K, HAS_SMOOTH)
-
-
-@triton.jit
-def _down_step(x, dn_ptr, rk, rr, K, R, stride_dk, lr):
-    """``lr += x_tile · down[rk, :]`` (16-bit operands, fp32 accumulator)."""
-    dn = tl.load(dn_ptr + rk[:, None] * stride_dk + rr[None, :], mask=(rk[:, None] < K) & (rr[None, :] < R),
-                 other=0.0)
-    return tl.dot(x, dn, lr)
+        x = x * rcp(sm)[None, :]
+    return x
 
 
 @triton.jit
@@ -132,55 +103,29 @@ def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
-def _token_kernel(x_ptr, sm_ptr, dn_ptr, c_ptr, s_ptr, lr_ptr, M, K, KP, R, M_BUCKET, stride_xm, stride_cm,
-                  stride_dk, stride_lm, HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr,
-                  PACK: tl.constexpr, TWO_LEVEL_GROUP: tl.constexpr, BR: tl.constexpr, ONE_PASS: tl.constexpr,
-                  BM: tl.constexpr, BK: tl.constexpr):
+def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, stride_cm,
+                  HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                  TWO_LEVEL_GROUP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """Per-token scale = amax / qmax (fp32) and codes of BM whole rows: a max pass, then a quantization pass (its
-    re-read of x mostly hits L2); ONE_PASS (a row fits one K step): one read. TWO_LEVEL_GROUP > 0: two-level int4 in
-    groups of that size, the per-token scale being scale2 = amax / qmax / SUB_MAX (the largest group scale over
-    SUB_MAX). BR > 0: also ``lowrank = x · down`` ((K, R) down, R ≤ BR), accumulated in fp32 during the first pass."""
+    re-read of x mostly hits L2). TWO_LEVEL_GROUP > 0: two-level int4 in groups of that size, the per-token scale
+    being scale2 = amax / qmax / SUB_MAX (the largest group scale over SUB_MAX)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    if BR:
-        rr = tl.arange(0, BR)
-        lr = tl.zeros((BM, BR), dtype=tl.float32)
-    if ONE_PASS:
-        rk = tl.arange(0, BK)
-        x = _load_x(x_ptr, rm, rk, M, K, stride_xm)
-        xs = _smoothed(x, sm_ptr, rk, K, HAS_SMOOTH)
-        amax = tl.max(tl.abs(xs), axis=1)
-        if BR:
-            lr = _down_step(x, dn_ptr, rk, rr, K, R, stride_dk, lr)
-    else:
-        amax = tl.zeros((BM,), dtype=tl.float32)
-        for k0 in range(0, KP, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = _load_x(x_ptr, rm, rk, M, K, stride_xm)
-            amax = tl.maximum(amax, tl.max(tl.abs(_smoothed(x, sm_ptr, rk, K, HAS_SMOOTH)), axis=1))
-            if BR:
-                lr = _down_step(x, dn_ptr, rk, rr, K, R, stride_dk, lr)
-    if BR:
-        tl.store(lr_ptr + rm[:, None] * stride_lm + rr[None, :], lr.to(lr_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rr[None, :] < R))
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, KP, BK):
+        xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
+        amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
     s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
     if TWO_LEVEL_GROUP:
         s = tl.math.div_rn(s, tl.zeros_like(s) + SUB_MAX_C)
     tl.store(s_ptr + rm, s, mask=rm < M)
     s_div = tl.where(s > 0, s, 1.0)
     inv = rcp(s_div)
-    if ONE_PASS:
+    for k0 in range(0, KP, BK):
+        xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
         if TWO_LEVEL_GROUP:
-            _store_two_level(xs, s_div, c_ptr, rm, 0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BK)
+            _store_two_level(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BK)
         else:
-            _store_codes(xs, inv, c_ptr, rm, 0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
-    else:
-        for k0 in range(0, KP, BK):
-            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
-            if TWO_LEVEL_GROUP:
-                _store_two_level(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM,
-                                 BK)
-            else:
-                _store_codes(xs, inv, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
+            _store_codes(xs, inv, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
 
 
 def _token_prune(configs, named_args, **kwargs):
@@ -197,16 +142,9 @@ def _token_prune(configs, named_args, **kwargs):
     return out
 
 
-def _one_pass(args) -> bool:
-    return args["KP"] <= args["BK"]
-
-
-_token_h = triton.heuristics({"ONE_PASS": _one_pass})(_token_kernel)
-_TOKEN_KEY = ["KP", "M_BUCKET", "TWO_LEVEL_GROUP", "IS_FP8", "PACK", "HAS_SMOOTH", "BR"]
-_token_tuned = triton.autotune(_TOKEN_CONFIGS, key=_TOKEN_KEY, prune_configs_by={"early_config_prune": _token_prune},
-                               do_bench=bench_fn)(_token_h)
-_token_lr_tuned = triton.autotune(_TOKEN_LR_CONFIGS, key=_TOKEN_KEY,
-                                  prune_configs_by={"early_config_prune": _token_prune}, do_bench=bench_fn)(_token_h)
+_token_tuned = triton.autotune(_TOKEN_CONFIGS, key=["KP", "M_BUCKET", "TWO_LEVEL_GROUP", "IS_FP8", "PACK",
+                                                    "HAS_SMOOTH"],
+                               prune_configs_by={"early_config_prune": _token_prune}, do_bench=bench_fn)(_token_kernel)
 
 
 def _split(m: int, kp: int, step: int, bm: int) -> tuple[int, int]:
@@ -221,11 +159,10 @@ def _split(m: int, kp: int, step: int, bm: int) -> tuple[int, int]:
 
 
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor | None, qdtype: str,
-                 group_size: int, pack: bool, down_folded: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 group_size: int, pack: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launcher; same signature and results as :func:`dmq.kernels.reference.quant_act.quantize_act`
-    (codes and scales bit-exact; lowrank within 16-bit rounding: unless ``down_folded``, the smoothing is folded
-    into proj_down, :func:`dmq.kernels._common.fold_down`, and the branch is ``x · (proj_down / smooth)``)."""
+    (codes and scales bit-exact; lowrank within 16-bit rounding: the smoothing is folded into proj_down, see
+    :func:`_lowrank`)."""
     spec = act_spec(qdtype, group_size)
     two_level = qdtype == TWO_LEVEL
     check(x.dim() == 2, lambda: f"x must be (M, K), got {tuple(x.shape)}")
@@ -242,14 +179,9 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
               lambda: f"proj_down must be ({k}, R), got "
                       f"{tuple(proj_down.shape)}")
         check(proj_down.dtype in FLOAT16, lambda: f"proj_down must be 16-bit, got {proj_down.dtype}")
-        check(not down_folded or proj_down.dtype == x.dtype,
-              lambda: f"a folded proj_down must have x's dtype {x.dtype}, got {proj_down.dtype}")
         r = proj_down.shape[1]
         check(r <= 256, lambda: f"low-rank branch rank must be ≤ 256 for the fused kernel, got {r}")
-    down = None
-    if r:
-        down = proj_down if down_folded else fold_down(smooth, proj_down, x.dtype)
-        down = down if down.stride(1) == 1 else down.contiguous()
+        proj_down = proj_down if proj_down.stride(1) == 1 else proj_down.contiguous()
     kp = padded_channels(spec, k)
     dev = x.device
     if qdtype == "fp8_e4m3":
@@ -258,21 +190,16 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
         codes = torch.empty((m, kp // 2), dtype=torch.uint8, device=dev)
     else:
         codes = torch.empty((m, kp), dtype=torch.int8, device=dev)
-    per_group = bool(group_size) and not two_level
-    if per_group:
+    if group_size and not two_level:
         scales = torch.empty((m, kp // group_size), dtype=torch.float16, device=dev)
     else:
         scales = torch.empty((m,), dtype=torch.float32, device=dev)
-    fuse = bool(r) and not per_group and FUSE_DOWN and r <= FUSE_DOWN_MAX_R
-    if fuse:
-        lowrank = torch.empty((m, r), dtype=x.dtype, device=dev)
-    else:
-        lowrank = x @ down if r else x.new_empty((m, 0))
+    lowrank = _lowrank(x, smooth, proj_down) if r else x.new_empty((m, 0))
     if m == 0:
         return codes.view(torch.float8_e4m3fn) if qdtype == "fp8_e4m3" else codes, scales, lowrank
     qmax = float(spec.qtype.qmax)
     sm_arg = smooth if smooth is not None else x
-    if per_group:
+    if group_size and not two_level:
         bm = _BM if m > 16 else 16
         nsplit, kch = _split(m, kp, group_size, bm)
         _group_kernel[(triton.cdiv(m, bm), nsplit)](x, sm_arg, codes, scales, m, k, kp, kch, x.stride(0),
@@ -281,15 +208,20 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
                                                     num_warps=4)
     else:
         # two-level: kp is a multiple of the group size, and so is bk (both powers of two, bk ≥ group)
-        dn_arg, lr_arg = (down, lowrank) if fuse else (x, x)
-        args = (x, sm_arg, dn_arg, codes, scales, lr_arg, m, k, kp, r, m_bucket(m), x.stride(0), codes.stride(0),
-                dn_arg.stride(0), lr_arg.stride(0))
+        args = (x, sm_arg, codes, scales, m, k, kp, m_bucket(m), x.stride(0), codes.stride(0))
         meta = dict(HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3", QMAX=qmax, PACK=bool(pack),
-                    TWO_LEVEL_GROUP=int(group_size) if two_level else 0, BR=max(16, next_pow2(r)) if fuse else 0)
+                    TWO_LEVEL_GROUP=int(group_size) if two_level else 0)
         if fixed_config():
-            _token_h[(triton.cdiv(m, _TOKEN_BM),)](*args, **meta, BM=_TOKEN_BM, BK=max(64, group_size), num_warps=8)
+            _token_kernel[(triton.cdiv(m, _TOKEN_BM),)](*args, **meta, BM=_TOKEN_BM, BK=max(64, group_size),
+                                                        num_warps=8)
         else:
-            (_token_lr_tuned if fuse else _token_tuned)[lambda c: (triton.cdiv(m, c["BM"]),)](*args, **meta)
+            _token_tuned[lambda c: (triton.cdiv(m, c["BM"]),)](*args, **meta)
     if qdtype == "fp8_e4m3":
         codes = codes.view(torch.float8_e4m3fn)
     return codes, scales, lowrank
+
+
+def _lowrank(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.Tensor) -> torch.Tensor:
+    """``(x / smooth) · proj_down`` as ``x · (proj_down / smooth)``: one GEMM on x as it is, with the smoothing
+    folded into the (K, R) projection (:func:`dmq.kernels._common.fold_down`). (M, R) in x's dtype."""
+    return x @ fold_down(smooth, proj_down, x.dtype)
