@@ -14,10 +14,8 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
 
 from dmq.formats import QuantSpec, fake_quantize, pack_nibbles, quantize, unpack_int4  # noqa: E402
-from dmq.kernels._common import int_to_f32  # noqa: E402
 from dmq.kernels import linear as klinear  # noqa: E402
 from dmq.kernels import ops  # noqa: E402
 from dmq.kernels.dispatch import find_kernel  # noqa: E402
@@ -200,35 +198,6 @@ def test_gemm_int8_tma_and_pointer_paths_agree():
     a2 = torch.nn.functional.pad(a, (0, 8))[:, :320]          # row stride 328: not 16-byte aligned
     assert not tgemm.tma_ok(a2, wide)
     _close(tgemm.gemm_int(a2, a_s, wide, w_s, "int8", 0, 0, lr, up, bias, torch.float16), ref)
-
-
-@triton.jit
-def _convert_kernel(v_ptr, y_ptr, N: tl.constexpr):
-    i = tl.arange(0, N)
-    tl.store(y_ptr + i, int_to_f32(tl.load(v_ptr + i)))
-
-
-def test_int_to_f32_is_exact_over_its_range():
-    """The integer-add conversion of group-scaled GEMM steps gives the exact fp32 value on all of |v| <= 2**22."""
-    v = torch.tensor([-2 ** 22, -2 ** 22 + 1, -12345, -1, 0, 1, 77777, 2 ** 22 - 1, 2 ** 22], dtype=torch.int32)
-    y = torch.empty(16, dtype=torch.float32)
-    _convert_kernel[(1,)](torch.nn.functional.pad(v, (0, 7)), y, N=16)
-    assert torch.equal(y[:9], v.float())
-
-
-def test_grouped_gemm_exact_at_extreme_codes():
-    """Group-scaled int8 GEMMs (TMA and pointer kernels) at the largest products (-128 · -128 over every K step):
-    each step's int32 sum reaches the conversion's bound and the result stays exact."""
-    m, k, n = 16, 320, 16
-    a = torch.full((m, k), -128, dtype=torch.int8)
-    w = torch.full((n, k), -128, dtype=torch.int8)
-    a_s = torch.full((m, k // 64), 2.0 ** -10).half()
-    w_s = torch.full((n,), 2.0 ** -10)
-    want = torch.full((m, n), k * 128 * 128 / 2 ** 20, dtype=torch.float16)
-    a_unaligned = torch.nn.functional.pad(a, (0, 8))[:, :k]
-    assert tgemm.tma_ok(a, w) and not tgemm.tma_ok(a_unaligned, w)
-    for aa in (a, a_unaligned):
-        assert torch.equal(tgemm.gemm_int(aa, a_s, w, w_s, "int8", 64, 0, None, None, None, torch.float16), want)
 
 
 def test_gemm_rejects_unsupported_layouts():

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpreting", "fixed_config", "next_pow2", "m_bucket", "check", "fold_down", "FLOAT16",
-           "tl_dtype", "bench_fn", "MAGIC", "MAGIC_BITS", "int_to_f32"]
+           "tl_dtype", "bench_fn"]
 
 FLOAT16 = (torch.float16, torch.bfloat16)
 
@@ -75,18 +75,6 @@ if HAS_TRITON:
 
     def tl_dtype(dtype: torch.dtype):
         return _TL[dtype]
-
-    MAGIC = tl.constexpr(12582912.0)      # 1.5 * 2**23: fp32 values in [2**23, 2**24] have integer steps
-    MAGIC_BITS = tl.constexpr(0x4B400000)  # its bit pattern
-
-    @triton.jit
-    def int_to_f32(v):
-        """int32 ``v`` with ``|v| <= 2**22`` → the same value in fp32, exactly, without an int→float conversion:
-        ``v + bits(1.5·2²³)`` read as fp32 is ``1.5·2²³ + v``, then one fp32 subtraction. Conversions run at a
-        quarter of the add rate or less on NVIDIA GPUs (16 per SM per clock on Hopper), which made int8 GEMMs with
-        per-K-step scales several times slower than the MMAs they convert (``abl-*-gemm-*`` rows of
-        benchmarks/results/kernels-*.json)."""
-        return (v + MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC
 
     @triton.jit
     def rint_small(y):
