@@ -200,6 +200,21 @@ def test_gemm_int8_tma_and_pointer_paths_agree():
     _close(tgemm.gemm_int(a2, a_s, wide, w_s, "int8", 0, 0, lr, up, bias, torch.float16), ref)
 
 
+def test_grouped_gemm_exact_at_extreme_codes():
+    """Group-scaled int8 GEMMs (TMA and pointer kernels) at the largest products (-128 · -128 over every K step):
+    each step's int32 sum reaches the conversion's bound and the result stays exact."""
+    m, k, n = 16, 320, 16
+    a = torch.full((m, k), -128, dtype=torch.int8)
+    w = torch.full((n, k), -128, dtype=torch.int8)
+    a_s = torch.full((m, k // 64), 2.0 ** -10).half()
+    w_s = torch.full((n,), 2.0 ** -10)
+    want = torch.full((m, n), k * 128 * 128 / 2 ** 20, dtype=torch.float16)
+    a_unaligned = torch.nn.functional.pad(a, (0, 8))[:, :k]
+    assert tgemm.tma_ok(a, w) and not tgemm.tma_ok(a_unaligned, w)
+    for aa in (a, a_unaligned):
+        assert torch.equal(tgemm.gemm_int(aa, a_s, w, w_s, "int8", 64, 0, None, None, None, torch.float16), want)
+
+
 def test_gemm_rejects_unsupported_layouts():
     a, a_s, w, w_s, lr, up, bias = _gemm_inputs(5, 128, 16, "int4b", 0, 0, 0)
     with pytest.raises(ValueError, match="multiple of 64"):
