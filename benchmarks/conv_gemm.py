@@ -1,0 +1,126 @@
+"""Quantized 3×3 convolutions at SDXL's shapes (1024², classifier-free guidance: batch 2) on a GPU: how the
+per-(pixel, tap) activation scales of the im2col GEMM are applied (``dmq.kernels.triton.gemm.GROUP_RUNS``: per K
+step, or once per run of Cin columns in the flat or a nested loop), against the same GEMM with per-row scales (no
+scales in the K loop), a bf16 cuBLAS GEMM of the same shape and the bf16 cuDNN convolution; then whole
+``QuantConv2d`` layers (w8a8 and two-level W4A4 with a rank-32 branch: quantization, im2col, GEMM) against cuDNN.
+
+    python benchmarks/conv_gemm.py            # → benchmarks/results/conv-gemm-<device>.json
+
+Times are CUDA-graph replays (median); ratios are bf16 cuDNN time / variant time (> 1 is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS_DIR, device_name, write_results  # noqa: E402
+from kernels import bench, slug  # noqa: E402
+
+CASES = [  # name, Cin, Cout, H = W (batch 2)
+    ("down0_320", 320, 320, 128),
+    ("up0_640_320", 640, 320, 128),
+    ("down1_640", 640, 640, 64),
+    ("down2_1280", 1280, 1280, 32),
+    ("up2_2560_1280", 2560, 1280, 32),
+]
+RUN_MODES = {0: "per-step", 1: "runs-flat", 2: "runs-nested"}
+
+
+def gemm_rows(name: str, cin: int, cout: int, hw: int, dev, t_conv: float) -> list[dict]:
+    from dmq.kernels.triton import gemm as tg
+
+    m, k, n = 2 * hw * hw, 9 * cin, cout
+    g = torch.Generator(device=dev).manual_seed(cin + cout)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev, generator=g)
+    a_tap = (torch.rand(m, 9, device=dev, generator=g) + 0.5).half() * 1e-3
+    a_row = a_tap.float().mean(1)
+    w_s = torch.rand(n, device=dev, generator=g) + 0.5
+    a16, w16 = a.bfloat16(), w.bfloat16()
+    variants = {"bf16-gemm": lambda: a16 @ w16.T,
+                "dmq-gemm-per-row-scales": lambda: tg.gemm_int(a, a_row, w, w_s, "int8", 0, 0, None, None, None,
+                                                               torch.bfloat16)}
+    for mode, label in RUN_MODES.items():
+        def run(mode=mode):
+            tg.GROUP_RUNS = mode
+            return tg.gemm_int(a, a_tap, w, w_s, "int8", cin, 0, None, None, None, torch.bfloat16)
+        variants[f"dmq-gemm-tap-scales-{label}"] = run
+    ref = variants["dmq-gemm-tap-scales-per-step"]().float()
+    rows = []
+    for vname, fn in variants.items():
+        ms, timer = bench(fn)
+        row = {"case": name, "variant": vname, "M": m, "K": k, "N": n, "ms": round(ms, 5),
+               "ratio_vs_cudnn": round(t_conv / ms, 3), "timer": timer}
+        if vname.startswith("dmq-gemm-tap"):
+            row["max_rel_diff_vs_per_step"] = float(f"{((fn().float() - ref).abs().max() / ref.abs().max()):.3g}")
+        rows.append(row)
+    tg.GROUP_RUNS = 1
+    return rows
+
+
+def layer_rows(name: str, cin: int, cout: int, hw: int, dev, x, t_conv: float) -> list[dict]:
+    from dmq.formats import QuantSpec
+    from dmq.kernels.triton import gemm as tg
+    from dmq.nn.conv import QuantConv2d
+    from dmq.nn.svdquant import SVDQuantConv2d
+
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(dev, torch.bfloat16)
+    spec2 = QuantSpec("int4", "group", 64, two_level=True)
+    layers = {"w8a8": QuantConv2d.from_module(conv, QuantSpec("int8", "channel"), QuantSpec("int8", "token")),
+              "svdquant-w4a4-2l-r32": SVDQuantConv2d.from_module(conv, spec2, spec2, rank=32)}
+    y_ref = conv(x).float()
+    rows = []
+    for lname, layer in layers.items():
+        for mode, label in RUN_MODES.items():
+            def run(layer=layer, mode=mode):
+                tg.GROUP_RUNS = mode
+                return layer(x)
+            ms, timer = bench(run)
+            err = (run().float() - y_ref).pow(2).mean() / y_ref.pow(2).mean()
+            rows.append({"case": name, "variant": f"layer-{lname}-{label}", "M": 2 * hw * hw, "K": 9 * cin,
+                         "N": cout, "ms": round(ms, 5), "ratio_vs_cudnn": round(t_conv / ms, 3), "timer": timer,
+                         "rel_mse_vs_bf16": float(f"{err.item():.3g}")})
+    tg.GROUP_RUNS = 1
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--results-dir", default=os.environ.get("DMQ_RESULTS_DIR", str(RESULTS_DIR)))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/conv_gemm.py needs a CUDA GPU")
+    import dmq.kernels.linear  # noqa: F401 - registers the layer kernels
+
+    dev = torch.device("cuda")
+    want = set(filter(None, args.cases.split(",")))
+    rows: list[dict] = []
+    for name, cin, cout, hw in CASES:
+        if want and name not in want:
+            continue
+        x = torch.randn(2, cin, hw, hw, device=dev, dtype=torch.bfloat16)
+        wt = torch.randn(cout, cin, 3, 3, device=dev, dtype=torch.bfloat16) / (9 * cin) ** 0.5
+        t_conv, timer = bench(lambda: F.conv2d(x, wt, None, 1, 1))
+        rows.append({"case": name, "variant": "bf16-cudnn-conv", "M": 2 * hw * hw, "K": 9 * cin, "N": cout,
+                     "ms": round(t_conv, 5), "ratio_vs_cudnn": 1.0, "timer": timer})
+        rows += gemm_rows(name, cin, cout, hw, dev, t_conv)
+        rows += layer_rows(name, cin, cout, hw, dev, x, t_conv)
+        for r in rows[-12:]:
+            if r["case"] == name:
+                print(f"{name:14s} {r['variant']:40s} {r['ms']:8.4f} ms  x{r['ratio_vs_cudnn']:5.2f} cuDNN")
+        write_results(f"conv-gemm-{slug(device_name())}", rows, Path(args.results_dir))
+    print(f"wrote {write_results(f'conv-gemm-{slug(device_name())}', rows, Path(args.results_dir))}")
+
+
+if __name__ == "__main__":
+    main()
