@@ -1,8 +1,9 @@
 """Quantized 3×3 convolutions at SDXL's shapes (1024², classifier-free guidance: batch 2) on a GPU: how the
 per-(pixel, tap) activation scales of the im2col GEMM are applied (``dmq.kernels.triton.gemm.GROUP_RUNS``: per K
-step, or once per run of Cin columns in the flat or a nested loop), against the same GEMM with per-row scales (no
-scales in the K loop), a bf16 cuBLAS GEMM of the same shape and the bf16 cuDNN convolution; then whole
-``QuantConv2d`` layers (w8a8 and two-level W4A4 with a rank-32 branch: quantization, im2col, GEMM) against cuDNN.
+step, or once per run of Cin columns), against the same GEMM with per-row scales (no
+scales in the K loop), a bf16 cuBLAS GEMM of the same shape and the bf16 cuDNN convolution; the im2col of the int8
+codes by dmq's Triton kernel and by PyTorch's strided copy (the reference); then whole ``QuantConv2d`` layers
+(w8a8 and two-level W4A4 with a rank-32 branch: quantization, im2col, GEMM) against cuDNN.
 
     python benchmarks/conv_gemm.py            # → benchmarks/results/conv-gemm-<device>.json
 
@@ -32,11 +33,13 @@ CASES = [  # name, Cin, Cout, H = W (batch 2)
     ("down2_1280", 1280, 1280, 32),
     ("up2_2560_1280", 2560, 1280, 32),
 ]
-RUN_MODES = {0: "per-step", 1: "runs-flat", 2: "runs-nested"}
+RUN_MODES = {0: "per-step", 1: "runs"}
 
 
 def gemm_rows(name: str, cin: int, cout: int, hw: int, dev, t_conv: float) -> list[dict]:
+    from dmq.kernels.reference import im2col as ri2c
     from dmq.kernels.triton import gemm as tg
+    from dmq.kernels.triton import im2col as ti2c
 
     m, k, n = 2 * hw * hw, 9 * cin, cout
     g = torch.Generator(device=dev).manual_seed(cin + cout)
@@ -64,6 +67,11 @@ def gemm_rows(name: str, cin: int, cout: int, hw: int, dev, t_conv: float) -> li
             row["max_rel_diff_vs_per_step"] = float(f"{((fn().float() - ref).abs().max() / ref.abs().max()):.3g}")
         rows.append(row)
     tg.GROUP_RUNS = 1
+    codes = a[:, :cin].reshape(2, hw, hw, cin).contiguous()
+    for vname, fn in (("im2col-codes-triton", ti2c.im2col), ("im2col-codes-torch", ri2c.im2col)):
+        ms, timer = bench(lambda fn=fn: fn(codes, 3, 3, 1, 1, 1, 1, 1, 1))
+        rows.append({"case": name, "variant": vname, "M": m, "K": k, "N": n, "ms": round(ms, 5),
+                     "ratio_vs_cudnn": round(t_conv / ms, 3), "timer": timer, "out_GBps": round(m * k / ms / 1e6)})
     return rows
 
 
@@ -115,7 +123,7 @@ def main() -> None:
                      "ms": round(t_conv, 5), "ratio_vs_cudnn": 1.0, "timer": timer})
         rows += gemm_rows(name, cin, cout, hw, dev, t_conv)
         rows += layer_rows(name, cin, cout, hw, dev, x, t_conv)
-        for r in rows[-12:]:
+        for r in rows[-13:]:
             if r["case"] == name:
                 print(f"{name:14s} {r['variant']:40s} {r['ms']:8.4f} ms  x{r['ratio_vs_cudnn']:5.2f} cuDNN")
         write_results(f"conv-gemm-{slug(device_name())}", rows, Path(args.results_dir))

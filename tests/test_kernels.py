@@ -25,7 +25,9 @@ from dmq.kernels.reference import gemm as rgemm  # noqa: E402
 from dmq.kernels.reference import nvfp4 as rnv  # noqa: E402
 from dmq.kernels.reference import quant_act as rq  # noqa: E402
 from dmq.kernels.reference import weight_only as rwo  # noqa: E402
+from dmq.kernels.reference import im2col as ri2c  # noqa: E402
 from dmq.kernels.triton import gemm as tgemm  # noqa: E402
+from dmq.kernels.triton import im2col as ti2c  # noqa: E402
 from dmq.kernels.triton import nvfp4 as tnv  # noqa: E402
 from dmq.kernels.triton import quant_act as tq  # noqa: E402
 from dmq.kernels.triton import weight_only as two  # noqa: E402
@@ -215,11 +217,11 @@ def test_grouped_gemm_exact_at_extreme_codes():
         assert torch.equal(tgemm.gemm_int(aa, a_s, w, w_s, "int8", 64, 0, None, None, None, torch.float16), want)
 
 
-@pytest.mark.parametrize("runs", [0, 1, 2])
+@pytest.mark.parametrize("runs", [0, 1])
 @pytest.mark.parametrize("ag,wg", [(192, 0), (0, 128), (384, 128), (192, 128)])
 def test_tma_gemm_group_runs_match_reference(runs, ag, wg, monkeypatch):
     """Group scales applied per K step or once per run of K columns that share them (a convolution's per-tap
-    activation scales: runs of Cin), in the flat or the nested loop: the same result as the reference."""
+    activation scales: runs of Cin): the same result as the reference."""
     monkeypatch.setattr(tgemm, "GROUP_RUNS", runs)
     m, k, n = 37, 768 + 192, 50                        # a last activation group cut short by K
     args = _gemm_inputs(m, k, n, "int8", ag, wg, 16, seed=5)
@@ -227,6 +229,34 @@ def test_tma_gemm_group_runs_match_reference(runs, ag, wg, monkeypatch):
     assert tgemm.tma_ok(a, w)
     got = tgemm.gemm_int(a, a_s, w, w_s, "int8", ag, wg, lr, up, bias, torch.float16)
     _close(got, rgemm.gemm_int(a, a_s, w, w_s, "int8", ag, wg, lr, up, bias, torch.float16))
+
+
+# -- im2col ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+@pytest.mark.parametrize("geometry", [(3, 3, 1, 1, 1, 1, 1, 1), (3, 3, 2, 2, 1, 1, 1, 1), (1, 1, 1, 1, 0, 0, 1, 1),
+                                      (3, 2, 1, 2, 2, 0, 2, 1)], ids=lambda g: "k{}x{}-s{}x{}-p{}x{}-d{}x{}".format(*g))
+def test_im2col_matches_reference(dtype, geometry):
+    """The GEMM rows of a convolution gathered from NHWC codes (int8) or scales (fp32), zeros in the padding: bit
+    for bit the reference's, for odd sizes, strides, padding and dilation; and the layout a convolution expects."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(-128, 128, (2, 7, 9, 70), dtype=torch.int8, generator=g) if dtype == torch.int8 else \
+        torch.randn(2, 7, 9, 3, generator=g)
+    got = ti2c.im2col(t, *geometry)
+    ref = ri2c.im2col(t, *geometry)
+    assert got.dtype == t.dtype and torch.equal(got, ref)
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    wts = torch.randn(5, t.shape[3], kh, kw, generator=g)
+    conv = torch.nn.functional.conv2d(t.float().permute(0, 3, 1, 2), wts, None, (sh, sw), (ph, pw), (dh, dw))
+    gemm = got.float() @ wts.permute(0, 2, 3, 1).reshape(5, -1).T
+    assert torch.allclose(gemm.reshape(*conv.shape[:1], *conv.shape[2:], 5).permute(0, 3, 1, 2), conv, atol=1e-3)
+    assert torch.equal(torch.ops.dmq.im2col(t, *geometry), ref)
+
+
+def test_im2col_rejects_bad_geometry():
+    with pytest.raises(ValueError, match="bad conv geometry"):
+        ti2c.im2col(torch.zeros(1, 4, 4, 8, dtype=torch.int8), 3, 3, 0, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="NHWC"):
+        ti2c.im2col(torch.zeros(4, 4, 8, dtype=torch.int8), 3, 3, 1, 1, 1, 1, 1, 1)
 
 
 def test_gemm_rejects_unsupported_layouts():
@@ -369,10 +399,12 @@ def _op_samples():
         (torch.ops.dmq.fp8_linear.default, (_x(3, 64), w8.qweight, w8.wscales, w8.bias)),
         (torch.ops.dmq.nvfp4_quantize.default, (x, None, rnv.nvfp4_amax(x, None))),
         (torch.ops.dmq.nvfp4_linear.default, (x, None, None, None, wn, sn, qn.scale2, None)),
+        (torch.ops.dmq.im2col.default, (torch.randint(-8, 8, (2, 5, 6, 64), dtype=torch.int8), 3, 3, 2, 1, 1, 1, 1,
+                                        1)),
     ]
 
 
-@pytest.mark.parametrize("i", range(8))
+@pytest.mark.parametrize("i", range(9))
 def test_custom_op_opcheck(i):
     op, args = _op_samples()[i]
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -410,7 +442,7 @@ def _use_triton(monkeypatch) -> None:
     from dmq.kernels.triton import fp8 as tfp8
 
     launchers = {"quantize_act": tq.quantize_act, "gemm_int": tgemm.gemm_int,
-                 "dequantize_weight": two.dequantize_weight}
+                 "dequantize_weight": two.dequantize_weight, "im2col": ti2c.im2col}
     monkeypatch.setattr(ops, "fast", lambda name, x: launchers[name])
 
     def weight_only(x, w, s, fmt, g, bias):     # as the CUDA op: GEMV for M ≤ 16, else dequantize + F.linear

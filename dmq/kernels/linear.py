@@ -36,6 +36,7 @@ from dmq.kernels import ops
 from dmq.kernels._common import HAS_TRITON, fold_down
 from dmq.kernels.dispatch import register_kernel
 from dmq.kernels.layouts import int4_to_blocked
+from dmq.kernels.reference.im2col import conv_out_hw
 from dmq.kernels.reference.quant_act import TWO_LEVEL
 from dmq.nn.conv import QuantConv2d
 from dmq.nn.linear import QuantLinear
@@ -233,23 +234,6 @@ def linear_forward(layer, x: torch.Tensor, smooth=None, proj_down=None, proj_up=
 
 
 # -- conv ------------------------------------------------------------------------------------------------------------
-def _im2col(t: torch.Tensor, kh: int, kw: int, stride, padding, dilation) -> tuple[torch.Tensor, int, int]:
-    """NHWC ``(B, H, W, C)`` → ``(B * H' * W', kh * kw * C)`` rows (taps outer, channels inner), zero-padded;
-    any dtype, on the tensor's device."""
-    b, h, w, c = t.shape
-    ph, pw = padding
-    sh, sw = stride
-    dh, dw = dilation
-    tp = F.pad(t, (0, 0, pw, pw, ph, ph)) if (ph or pw) else t
-    tp = tp.contiguous()
-    hp, wp = h + 2 * ph, w + 2 * pw
-    ho = (hp - dh * (kh - 1) - 1) // sh + 1
-    wo = (wp - dw * (kw - 1) - 1) // sw + 1
-    s = tp.stride()
-    view = tp.as_strided((b, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1] * dh, s[2] * dw, s[3]))
-    return view.reshape(b * ho * wo, kh * kw * c), ho, wo
-
-
 def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Kernel forward of a QuantConv2d (an SVDQuant one too): quantize the smoothed input pixels (NHWC rows), im2col
     the int8 codes and their scales on the GPU, run the int GEMM with per-(pixel, tap) activation scales as K-groups
@@ -266,13 +250,15 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, wd, bias, layer.stride, layer.padding, layer.dilation)
     act_dtype, act_group, ag = _act_args(layer.act_spec)
     b, _, h, w = x.shape
-    pix = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)
+    pix = x.permute(0, 2, 3, 1).reshape(b * h * w, cin).contiguous()
     smooth, proj_down = layer.smooth, layer.proj_down
-    codes, scales, _ = ops.quantize_act(pix.contiguous(), smooth, None, act_dtype, act_group, False)
+    codes, scales, _ = ops.fast("quantize_act", pix)(pix, smooth, None, act_dtype, act_group, False)
     cp = codes.shape[1]
-    a, ho, wo = _im2col(codes.reshape(b, h, w, cp), kh, kw, layer.stride, layer.padding, layer.dilation)
-    sc = scales.reshape(b, h, w, -1)
-    a_scales, _, _ = _im2col(sc, kh, kw, layer.stride, layer.padding, layer.dilation)
+    geometry = (kh, kw, *layer.stride, *layer.padding, *layer.dilation)
+    im2col = ops.fast("im2col", pix)
+    a = im2col(codes.reshape(b, h, w, cp), *geometry)
+    a_scales = im2col(scales.reshape(b, h, w, -1), *geometry)
+    ho, wo = conv_out_hw(h, w, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     w_, fmt, w_scales, w_group = _int_weight(prep, ag or cp)
     lowrank = proj_up = None
     if proj_down is not None and proj_down.shape[1] > 0:
@@ -281,7 +267,8 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
         down = down.T.reshape(r, kh, kw, cin).permute(0, 3, 1, 2)
         lowrank = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation).permute(0, 2, 3, 1)
         lowrank, proj_up = lowrank.reshape(-1, r), layer.proj_up
-    y = ops.gemm_int(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, lowrank, proj_up, layer.bias, x.dtype)
+    y = ops.fast("gemm_int", pix)(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, lowrank, proj_up, layer.bias,
+                                  x.dtype)
     return y.reshape(b, ho, wo, cout).permute(0, 3, 1, 2)
 
 

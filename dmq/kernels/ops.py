@@ -12,6 +12,7 @@ Ops (signatures as in :mod:`dmq.kernels.reference`):
 - ``nvfp4_quantize(x, smooth?, amax) -> (codes, scales, global_scale)``
 - ``nvfp4_linear(x, smooth?, proj_down?, proj_up?, w, w_scales, w_scale2, bias?) -> y``
 - ``int8_attention(q, k, v, scale?) -> o`` (int8 QKᵀ, fp8 PV; :mod:`dmq.kernels.reference.attention`)
+- ``im2col(t, kh, kw, sh, sw, ph, pw, dh, dw) -> rows`` (a convolution's GEMM rows from NHWC codes or scales)
 
 and Python compositions of them: :func:`quantized_linear`, :func:`fused_w4a4_lowrank`.
 """
@@ -28,12 +29,13 @@ from dmq.formats import padded_channels
 from dmq.kernels.reference import attention as _ref_attn
 from dmq.kernels.reference import fp8 as _ref_fp8
 from dmq.kernels.reference import gemm as _ref_gemm
+from dmq.kernels.reference import im2col as _ref_im2col
 from dmq.kernels.reference import nvfp4 as _ref_nvfp4
 from dmq.kernels.reference import quant_act as _ref_quant
 from dmq.kernels.reference import weight_only as _ref_wo
 
 __all__ = ["quantize_act", "gemm_int", "weight_only_linear", "dequantize_weight", "fp8_linear", "nvfp4_quantize",
-           "nvfp4_linear", "int8_attention", "quantized_linear", "fused_w4a4_lowrank", "fast"]
+           "nvfp4_linear", "int8_attention", "im2col", "quantized_linear", "fused_w4a4_lowrank", "fast"]
 
 
 _MODULES: dict[str, object] = {}
@@ -202,15 +204,33 @@ def _(q, k, v, scale):
     return q.new_empty(q.shape)
 
 
+# -- im2col ------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("dmq::im2col", mutates_args=())
+def im2col(t: Tensor, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int) -> Tensor:
+    return _ref_im2col.im2col(t, kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+@im2col.register_kernel("cuda")
+def _(t, kh, kw, sh, sw, ph, pw, dh, dw):
+    return _tk("im2col").im2col(t, kh, kw, sh, sw, ph, pw, dh, dw)
+
+
+@im2col.register_fake
+def _(t, kh, kw, sh, sw, ph, pw, dh, dw):
+    b, h, w, c = t.shape
+    ho, wo = _ref_im2col.conv_out_hw(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    return t.new_empty((b * ho * wo, kh * kw * c))
+
+
 # -- compositions ------------------------------------------------------------------------------------------------
 _FAST = {"quantize_act": (quantize_act, "quant_act"), "gemm_int": (gemm_int, "gemm"),
-         "dequantize_weight": (dequantize_weight, "weight_only")}
+         "dequantize_weight": (dequantize_weight, "weight_only"), "im2col": (im2col, "im2col")}
 
 
 def fast(name: str, x: Tensor):
-    """The custom op ``name`` (``quantize_act``, ``gemm_int`` or ``dequantize_weight``), or, for an eager call on a
-    CUDA tensor ``x``, its Triton launcher itself (the op's CUDA implementation: same signature and results). The
-    dispatcher costs tens of µs of host time per call, which an eager FLUX step pays ~1,300 times
+    """The custom op ``name`` (``quantize_act``, ``gemm_int``, ``dequantize_weight`` or ``im2col``), or, for an eager
+    call on a CUDA tensor ``x``, its Triton launcher itself (the op's CUDA implementation: same signature and
+    results). The dispatcher costs tens of µs of host time per call, which an eager FLUX step pays ~1,300 times
     (benchmarks/results/host-profile-h100.json); traced calls keep the op, one graph node."""
     op, module = _FAST[name]
     if x.is_cuda and not torch.compiler.is_compiling():
