@@ -1,8 +1,7 @@
 """im2col of an NHWC tensor (int8 codes, their scales): one program copies a block of output rows × a block of
 channels of one kernel tap (contiguous runs of channels, so wide loads and stores), zeros for taps in the padding.
-PyTorch's strided
-copy of the same int8 view moves one byte per thread step: at SDXL's 128² 320-channel conv it took most of the
-quantized layer's time (benchmarks/conv_gemm.py). Reference: :mod:`dmq.kernels.reference.im2col`.
+PyTorch's strided copy of the same int8 view moves one byte per thread step: at SDXL's 128² 320-channel conv it took
+most of the quantized layer's time (benchmarks/conv_gemm.py). Reference: :mod:`dmq.kernels.reference.im2col`.
 """
 
 from __future__ import annotations
