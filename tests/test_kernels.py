@@ -22,10 +22,10 @@ from dmq.kernels.dispatch import find_kernel  # noqa: E402
 from dmq.kernels.layouts import blocked_kb, blocked_to_int8, int4_to_blocked  # noqa: E402
 from dmq.kernels.reference import fp8 as rfp8  # noqa: E402
 from dmq.kernels.reference import gemm as rgemm  # noqa: E402
+from dmq.kernels.reference import im2col as ri2c  # noqa: E402
 from dmq.kernels.reference import nvfp4 as rnv  # noqa: E402
 from dmq.kernels.reference import quant_act as rq  # noqa: E402
 from dmq.kernels.reference import weight_only as rwo  # noqa: E402
-from dmq.kernels.reference import im2col as ri2c  # noqa: E402
 from dmq.kernels.triton import gemm as tgemm  # noqa: E402
 from dmq.kernels.triton import im2col as ti2c  # noqa: E402
 from dmq.kernels.triton import nvfp4 as tnv  # noqa: E402
@@ -204,7 +204,7 @@ def test_gemm_int8_tma_and_pointer_paths_agree():
 
 def test_grouped_gemm_exact_at_extreme_codes():
     """Group-scaled int8 GEMMs (TMA and pointer kernels) at the largest products (-128 · -128 over every K step):
-    each step's int32 sum reaches the conversion's bound and the result stays exact."""
+    the per-step int32 sums are at their largest and the result stays exact."""
     m, k, n = 16, 320, 16
     a = torch.full((m, k), -128, dtype=torch.int8)
     w = torch.full((n, k), -128, dtype=torch.int8)
