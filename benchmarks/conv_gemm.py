@@ -3,7 +3,8 @@ per-(pixel, tap) activation scales of the im2col GEMM are applied (``dmq.kernels
 step, or once per run of Cin columns), against the same GEMM with per-row scales (no
 scales in the K loop), a bf16 cuBLAS GEMM of the same shape and the bf16 cuDNN convolution; the im2col of the int8
 codes by dmq's Triton kernel and by PyTorch's strided copy (the reference); then whole ``QuantConv2d`` layers
-(w8a8 and two-level W4A4 with a rank-32 branch: quantization, im2col, GEMM) against cuDNN.
+(w8a8 and two-level W4A4 with a rank-32 branch: quantization, im2col, GEMM) against cuDNN (NCHW and channels-last
+inputs), and each layer's GPU time per kernel (profiler).
 
     python benchmarks/conv_gemm.py            # → benchmarks/results/conv-gemm-<device>.json
 
@@ -98,6 +99,29 @@ def layer_rows(name: str, cin: int, cout: int, hw: int, dev, x, t_conv: float) -
                          "N": cout, "ms": round(ms, 5), "ratio_vs_cudnn": round(t_conv / ms, 3), "timer": timer,
                          "rel_mse_vs_bf16": float(f"{err.item():.3g}")})
     tg.GROUP_RUNS = 1
+    rows += stage_rows(name, cin, cout, hw, layers, x)
+    return rows
+
+
+def stage_rows(name: str, cin: int, cout: int, hw: int, layers: dict, x: torch.Tensor,
+               iters: int = 20) -> list[dict]:
+    """Where each layer's time goes: GPU time per kernel (profiler, averaged over ``iters`` calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for lname, layer in layers.items():
+        layer(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                layer(x)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            if ev.device_type.name != "CUDA" or ev.count < iters:
+                continue
+            rows.append({"case": name, "variant": f"stage-{lname}", "kernel": ev.key[:80], "M": 2 * hw * hw,
+                         "K": 9 * cin, "N": cout, "ms": round(ev.device_time_total / 1e3 / iters, 5),
+                         "calls_per_layer": ev.count // iters, "timer": "profiler"})
     return rows
 
 
@@ -121,11 +145,16 @@ def main() -> None:
         t_conv, timer = bench(lambda: F.conv2d(x, wt, None, 1, 1))
         rows.append({"case": name, "variant": "bf16-cudnn-conv", "M": 2 * hw * hw, "K": 9 * cin, "N": cout,
                      "ms": round(t_conv, 5), "ratio_vs_cudnn": 1.0, "timer": timer})
+        x_cl, wt_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, wt))
+        t_cl, timer = bench(lambda x_cl=x_cl, wt_cl=wt_cl: F.conv2d(x_cl, wt_cl, None, 1, 1))
+        rows.append({"case": name, "variant": "bf16-cudnn-conv-channels-last", "M": 2 * hw * hw, "K": 9 * cin,
+                     "N": cout, "ms": round(t_cl, 5), "ratio_vs_cudnn": round(t_conv / t_cl, 3), "timer": timer})
         rows += gemm_rows(name, cin, cout, hw, dev, t_conv)
         rows += layer_rows(name, cin, cout, hw, dev, x, t_conv)
-        for r in rows[-13:]:
+        for r in rows:
             if r["case"] == name:
-                print(f"{name:14s} {r['variant']:40s} {r['ms']:8.4f} ms  x{r['ratio_vs_cudnn']:5.2f} cuDNN")
+                print(f"{name:14s} {r['variant']:40s} {r.get('kernel', '')[:50]:50s} {r['ms']:8.4f} ms  "
+                      f"x{r.get('ratio_vs_cudnn', 0):5.2f} cuDNN")
         write_results(f"conv-gemm-{slug(device_name())}", rows, Path(args.results_dir))
     print(f"wrote {write_results(f'conv-gemm-{slug(device_name())}', rows, Path(args.results_dir))}")
 
