@@ -1,11 +1,16 @@
 """Design variants of the two bandwidth-bound kernels around a quantized linear (issue 7), in one process:
 
 - per-token activation quantization (int8 and two-level int4 g64, with smoothing): dmq's autotuned two-pass
-  kernel (``quant_act._token_kernel``), each of its configs alone, the same without smoothing (what the per-column
-  reciprocal of ``smooth`` costs), and a one-pass kernel holding whole rows in registers (``_rows_1p``), with the
-  reciprocal in the kernel or precomputed; against ``x.to(torch.int8)`` (the same bytes read and written);
-- two-level int4 weight expansion to int8 ``code · sub``: dmq's ``_dequant_kernel`` at several tile heights, and an
-  integer-only kernel (``_expand_int``) over several tiles; against a copy of the int8 result (device bandwidth).
+  kernel (``quant_act._token_kernel``), each of its configs alone (two passes over K, or the whole row held in
+  registers), the same without smoothing (what the per-column reciprocal of ``smooth`` costs); against
+  ``x.to(torch.int8)`` (the same bytes read and written);
+- two-level int4 weight expansion to int8 ``code · sub``: dmq's ``_dequant_kernel`` at several tile heights, against
+  a copy of the int8 result (device bandwidth).
+
+Two variants measured by the first version of this script (commit 4656610, its rows in
+``quant-variants-h200.json`` of that commit) and dropped: the whole-row kernel multiplying by a precomputed fp32
+``1 / smooth`` (no faster than the reciprocal in the kernel: 18.7 against 14.8 us at 4096 x 3072), and an
+integer-only expansion (0.92-1.01x the float one, which is already at the copy bandwidth).
 
 Every variant's output is compared bit for bit with dmq's. Writes ``benchmarks/results/quant-variants-<device>.json``.
 
@@ -21,7 +26,6 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, device_name, write_results  # noqa: E402
 from kernels import bench, make_data, slug  # noqa: E402
 
-from dmq.formats import SUB_MAX, QuantSpec, padded_channels, quantize  # noqa: E402
-from dmq.kernels._common import next_pow2, rcp  # noqa: E402
+from dmq.formats import QuantSpec, padded_channels, quantize  # noqa: E402
+from dmq.kernels._common import next_pow2  # noqa: E402
 from dmq.kernels.layouts import int4_to_blocked  # noqa: E402
 from dmq.kernels.reference.quant_act import act_spec  # noqa: E402
 from dmq.kernels.triton import quant_act as tq  # noqa: E402
@@ -47,83 +51,21 @@ SHAPES = [  # name, M, K (activations), N (weight rows)
 ]
 ACTS = [("int8", 0), ("int4_2l", 64)]   # (per-token int4 runs the int8 code path with another qmax)
 CONFIG_SWEEP = ("flux_qkv", "sdxl_attn_cfg")   # shapes where each config of the two-pass kernel is timed alone
-SUB_MAX_C = tl.constexpr(SUB_MAX)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _rows_1p(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, stride_xm, stride_cm, HAS_SMOOTH: tl.constexpr,
-             INV: tl.constexpr, QMAX: tl.constexpr, TWO_LEVEL_GROUP: tl.constexpr, BM: tl.constexpr,
-             BKP: tl.constexpr):
-    """BM whole rows (padded to BKP, a power of two) loaded once: max, scale, codes."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rk = tl.arange(0, BKP)
-    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                other=0.0).to(tl.float32)
-    if HAS_SMOOTH:
-        sm = tl.load(sm_ptr + rk, mask=rk < K, other=1.0).to(tl.float32)
-        if INV:
-            x = x * sm[None, :]
-        else:
-            x = x * rcp(sm)[None, :]
-    amax = tl.max(tl.abs(x), axis=1)
-    s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
-    if TWO_LEVEL_GROUP:
-        s = tl.math.div_rn(s, tl.zeros_like(s) + SUB_MAX_C)
-    tl.store(s_ptr + rm, s, mask=rm < M)
-    s_div = tl.where(s > 0, s, 1.0)
-    if TWO_LEVEL_GROUP:
-        tq._store_two_level(x, s_div, c_ptr, rm, 0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BKP)
-    else:
-        tq._store_codes(x, rcp(s_div), c_ptr, rm, 0, M, KP, stride_cm, False, QMAX, False, BM, BKP)
-
-
-@triton.jit
-def _expand_int(w_ptr, ws_ptr, o_ptr, N, K, GW, NG, stride_wn, stride_wsn, stride_on, BN: tl.constexpr,
-                NB: tl.constexpr):
-    """int4b codes × uint8 sub-scales → int8, integer operations only; NB blocks of 128 codes per program."""
-    on = tl.program_id(0) * BN + tl.arange(0, BN)
-    rn = on % N
-    rk = tl.arange(0, 64)
-    for b in tl.static_range(NB):
-        k0 = (tl.program_id(1) * NB + b) * 128
-        p = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 2 + rk)[None, :], mask=(rn[:, None] * 0 + k0) < K,
-                    other=0).to(tl.int8, bitcast=True)
-        g_hi = (k0 + 64) // GW
-        s_lo = tl.load(ws_ptr + rn * stride_wsn + k0 // GW, mask=(rn * 0 + k0 // GW) < NG, other=0).to(tl.int16)
-        s_hi = tl.load(ws_ptr + rn * stride_wsn + g_hi, mask=(rn * 0 + g_hi) < NG, other=0).to(tl.int16)
-        lo = (((p << 4) >> 4).to(tl.int16) * s_lo[:, None]).to(tl.int8)
-        hi = ((p >> 4).to(tl.int16) * s_hi[:, None]).to(tl.int8)
-        rows = o_ptr + on[:, None] * stride_on
-        nmask = on[:, None] < N
-        tl.store(rows + (k0 + rk)[None, :], lo, mask=nmask & ((k0 + rk)[None, :] < K))
-        tl.store(rows + (k0 + 64 + rk)[None, :], hi, mask=nmask & ((k0 + 64 + rk)[None, :] < K))
-
-
-def run_rows_1p(x, sm, qdtype, group, bm, warps, inv):
-    spec = act_spec(qdtype, group)
-    m, k = x.shape
-    kp = padded_channels(spec, k)
-    codes = torch.empty((m, kp), dtype=torch.int8, device=x.device)
-    scales = torch.empty((m,), dtype=torch.float32, device=x.device)
-    smv = (torch.reciprocal(sm.float()) if inv else sm) if sm is not None else x
-    _rows_1p[(triton.cdiv(m, bm),)](x, smv, codes, scales, m, k, kp, x.stride(0), codes.stride(0),
-                                    HAS_SMOOTH=sm is not None, INV=inv, QMAX=float(spec.qtype.qmax),
-                                    TWO_LEVEL_GROUP=group if qdtype == "int4_2l" else 0, BM=bm,
-                                    BKP=max(next_pow2(kp), 64), num_warps=warps)
-    return codes, scales
 
 
 def run_token_cfg(x, sm, qdtype, group, bm, bk, warps):
+    """dmq's per-token kernel with one config; bk = 0: the whole (padded) row in one load."""
     spec = act_spec(qdtype, group)
     m, k = x.shape
     kp = padded_channels(spec, k)
     codes = torch.empty((m, kp), dtype=torch.int8, device=x.device)
     scales = torch.empty((m,), dtype=torch.float32, device=x.device)
+    bk_max = max(next_pow2(kp), 64)
     tq._token_kernel[(triton.cdiv(m, bm),)](x, sm if sm is not None else x, codes, scales, m, k, kp, 1,
                                            x.stride(0), codes.stride(0), HAS_SMOOTH=sm is not None, IS_FP8=False,
                                            QMAX=float(spec.qtype.qmax), PACK=False,
                                            TWO_LEVEL_GROUP=group if qdtype == "int4_2l" else 0, BM=bm,
-                                           BK=min(bk, max(next_pow2(kp), 64)), num_warps=warps)
+                                           BK=min(bk, bk_max) if bk else bk_max, WHOLE=bk == 0, num_warps=warps)
     return codes, scales
 
 
@@ -146,10 +88,8 @@ def quant_rows(name, m, k, dev, quick):
         for bm, w in ((1, 4), (1, 8), (2, 8), (4, 8), (1, 16)):
             if bm * bkp > 32768 or bm * bkp < 32 * w * 4:
                 continue
-            for inv in (False, True):
-                variants[f"1pass-bm{bm}-w{w}{'-inv' if inv else ''}"] = \
-                    lambda bm=bm, w=w, inv=inv, qdtype=qdtype, group=group: run_rows_1p(x, sm, qdtype, group, bm, w,
-                                                                                         inv)
+            variants[f"whole-bm{bm}-w{w}"] = \
+                lambda bm=bm, w=w, qdtype=qdtype, group=group: run_token_cfg(x, sm, qdtype, group, bm, 0, w)
         for vname, fn in variants.items():
             out = fn()
             exact = vname == "lib-nosmooth" or all(torch.equal(a, b) for a, b in zip(out, ref))
@@ -182,18 +122,9 @@ def expand_rows(name, n, k, dev, quick):
             FMT=0, W_GROUP=True, SCALED=False, INT_SUB=True, HALF_GROUPS=True, BN=bn, BKH=64, num_warps=warps)
         return out
 
-    def int_cfg(bn, nb, warps):
-        out = torch.empty((n, k), dtype=torch.int8, device=dev)
-        _expand_int[(triton.cdiv(n, bn), triton.cdiv(k, 128 * nb))](
-            wb, subs, out, n, k, 64, subs.shape[1], wb.stride(0), subs.stride(0), out.stride(0), BN=bn, NB=nb,
-            num_warps=warps)
-        return out
-
     variants = {"lib": lambda: two.dequantize_weight(wb, subs, "int4b", 64, k, torch.int8)}
     for bn, warps in ((32, 4), (64, 4), (128, 8)) if not quick else ((64, 4),):
         variants[f"lib-bn{bn}-w{warps}"] = lambda bn=bn, warps=warps: lib_cfg(bn, warps)
-    for bn, nb, warps in ((32, 1, 4), (64, 1, 4), (64, 2, 4), (128, 1, 8), (128, 2, 8), (32, 4, 4)):
-        variants[f"int-bn{bn}-nb{nb}-w{warps}"] = lambda bn=bn, nb=nb, warps=warps: int_cfg(bn, nb, warps)
     for vname, fn in variants.items():
         exact = torch.equal(fn(), ref)
         ms, timer = bench(fn)

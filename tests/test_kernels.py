@@ -111,19 +111,23 @@ def test_quantize_act_codes_equal_formats_quantize(qdtype, group):
 
 @pytest.mark.parametrize("qdtype,group", [("int8", 0), ("int4_2l", 64), ("int4", 0)])
 def test_every_per_token_config_is_exact(qdtype, group):
-    """Each autotuning config of the per-token kernel (rows per program, K step, as pruned for the row length)
-    gives the reference's codes and scales bit for bit."""
+    """Each autotuning config of the per-token kernel (rows per program, K step or the whole row, as pruned for the
+    row length) gives the reference's codes and scales bit for bit."""
     m, k = 9, 700
     x = _x(m, k)
     ref = rq.quantize_act(x, None, None, qdtype, group, False)
-    configs = tq._token_prune(tq._TOKEN_CONFIGS, {"KP": ref[0].shape[1]})
-    assert len(configs) >= 4 and all(c.kwargs["BK"] <= 1024 for c in configs)
+    kp = ref[0].shape[1]
+    two_level = group if qdtype == "int4_2l" else 0
+    configs = tq._token_prune(tq._TOKEN_CONFIGS, {"KP": kp}, TWO_LEVEL_GROUP=two_level)
+    assert len(configs) >= 5 and all(c.kwargs["BK"] <= 1024 for c in configs)
+    whole = [c.kwargs["BM"] for c in configs if c.kwargs["WHOLE"]]
+    assert whole == ([1] if two_level else [4, 2, 1])   # two-level: whole rows one at a time only
     for c in configs:
         codes, scales = torch.empty_like(ref[0]), torch.empty_like(ref[1])
         tq._token_kernel[(triton.cdiv(m, c.kwargs["BM"]),)](
-            x, x, codes, scales, m, k, codes.shape[1], 16, x.stride(0), codes.stride(0), HAS_SMOOTH=False,
-            IS_FP8=False, QMAX=float(127 if qdtype == "int8" else 7), PACK=False,
-            TWO_LEVEL_GROUP=group if qdtype == "int4_2l" else 0, **c.kwargs)
+            x, x, codes, scales, m, k, kp, 16, x.stride(0), codes.stride(0), HAS_SMOOTH=False,
+            IS_FP8=False, QMAX=float(127 if qdtype == "int8" else 7), PACK=False, TWO_LEVEL_GROUP=two_level,
+            **c.kwargs)
         assert torch.equal(codes, ref[0]) and torch.equal(scales, ref[1]), c
 
 
@@ -578,6 +582,49 @@ def test_svdquant_conv_kernel_path_matches_layer_reference(weights, acts, monkey
     _close(y, ref, tol=1e-2)
     layer.proj_up.zero_()                             # the branch is really added: without it the output moves
     assert (klinear.conv_forward(layer, x).float() - y.float()).abs().max() > 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_smoothing_in_a_compiled_graph_is_the_reference_division(conv, monkeypatch):
+    """While tracing a compiled graph, the integer paths divide x by smooth in x's dtype before the quantizer (the
+    layer reference's own division, for Inductor to fuse into x's producer) and the quantizer gets no smoothing;
+    the result still matches the layer's reference."""
+    from dmq.nn.svdquant import SVDQuantConv2d, SVDQuantLinear
+
+    _use_triton(monkeypatch)
+    torch.manual_seed(0)
+    smooth = torch.rand(64) + 0.5                     # not powers of two: the division rounds
+    if conv:
+        layer = SVDQuantConv2d.from_module(torch.nn.Conv2d(64, 24, 3, padding=1).half(), _TWO_LEVEL, _TWO_LEVEL,
+                                           rank=16, smooth=smooth)
+        x = torch.randn(1, 64, 5, 7).half()
+    else:
+        layer = SVDQuantLinear.from_module(torch.nn.Linear(64, 40).half(), _TWO_LEVEL, _TWO_LEVEL, rank=16,
+                                           smooth=smooth)
+        x = _x(37, 64)
+    seen = []
+
+    def spy(xq, sm, *args):
+        seen.append((xq, sm))
+        return tq.quantize_act(xq, sm, *args)
+
+    fast = ops.fast                                   # (as _use_triton set it, for both call sites)
+    for owner in (ops, klinear.ops):
+        monkeypatch.setattr(owner, "fast", lambda name, t: spy if name == "quantize_act" else fast(name, t))
+    forward = klinear.conv_forward if conv else klinear.svdquant_forward
+    eager = forward(layer, x)
+    assert seen[-1][1] is not None                    # eager: smoothing inside the quantizer
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = forward(layer, x)
+    xq, sm = seen[-1]
+    divided = x / layer.smooth.to(x.dtype).reshape((1, -1, 1, 1) if conv else (-1,))
+    assert sm is None and torch.equal(xq, divided.permute(0, 2, 3, 1).reshape(-1, 64) if conv else divided)
+    ref = layer.reference_forward(x)
+    _close(traced, ref, tol=2e-2)
+    _close(eager, ref, tol=2e-2)
+    monkeypatch.setattr(klinear, "SMOOTH_IN_GRAPH", False)
+    forward(layer, x)
+    assert seen[-1][1] is not None
 
 
 def test_dispatch_registration_and_cpu_fallback():

@@ -51,6 +51,14 @@ __all__ = ["prepare", "prepare_model", "linear_forward", "conv_forward", "svdqua
 # scales (w4a4 g64: 0.40x vs 0.35x; w4a8 g128: 0.60x vs 0.57x).
 INT4_GEMM = "auto"
 
+# Where the integer paths divide x by ``smooth`` inside a compiled graph: True = before the quantizer, as the layer
+# reference's own 16-bit division, which Inductor fuses into the kernel that produced x (a norm, an activation, the
+# attention output's layout copy), so that the quantizer runs without smoothing; its per-column reciprocal was ~40%
+# of its time on the H200 (two-level int4 at 4096 x 3072: 22.5 against 13.7 us; 8192 x 640: 16.6 against 9.7 us,
+# benchmarks/results/quant-variants-h200.json). Eager calls always smooth inside the quantizer: a separate division
+# would be one more pass over x.
+SMOOTH_IN_GRAPH = True
+
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 _CACHE_ATTR = "_dmq_kernel_weights"
 
@@ -188,6 +196,17 @@ def _folded_down(prep: dict[str, Any], smooth: torch.Tensor | None, proj_down: t
     return cached[1]
 
 
+def _graph_smoothing(x: torch.Tensor, smooth: torch.Tensor | None,
+                     channel_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x / smooth, None)`` in x's dtype when tracing a compiled graph (:data:`SMOOTH_IN_GRAPH`), else ``(x,
+    smooth)`` for the quantizer. smooth: ``(C,)`` along ``channel_dim`` of x."""
+    if smooth is None or not (SMOOTH_IN_GRAPH and torch.compiler.is_compiling()):
+        return x, smooth
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return x / smooth.to(x.dtype).reshape(shape), None
+
+
 def _int_weight(prep: dict[str, Any], act_group: int) -> tuple[torch.Tensor, str, torch.Tensor, int]:
     """The GEMM's weight operand: ``(w, w_format, w_scales, w_group)``. Two-level int4 is expanded to int8
     ``code · sub`` per call (the weight stays resident as 4-bit) and scaled per channel in the epilogue."""
@@ -215,6 +234,7 @@ def linear_forward(layer, x: torch.Tensor, smooth=None, proj_down=None, proj_up=
     if path == "int":
         act_dtype, act_group, gemm_group = _act_args(layer.act_spec)
         w, fmt, w_scales, w_group = _int_weight(prep, gemm_group)
+        x2, smooth = _graph_smoothing(x2, smooth, 1)
         folded = _folded_down(prep, smooth, proj_down, x2.dtype) if proj_down is not None else None
         y = ops.quantized_linear(x2, smooth, None, proj_up, w, w_scales, fmt, w_group, layer.bias, act_dtype,
                                  act_group, folded_down=folded)
@@ -250,8 +270,9 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, wd, bias, layer.stride, layer.padding, layer.dilation)
     act_dtype, act_group, ag = _act_args(layer.act_spec)
     b, _, h, w = x.shape
+    x, smooth = _graph_smoothing(x, layer.smooth, 1)
+    proj_down = layer.proj_down
     pix = x.permute(0, 2, 3, 1).reshape(b * h * w, cin).contiguous()
-    smooth, proj_down = layer.smooth, layer.proj_down
     codes, scales, _ = ops.fast("quantize_act", pix)(pix, smooth, None, act_dtype, act_group, False)
     cp = codes.shape[1]
     geometry = (kh, kw, *layer.stride, *layer.padding, *layer.dilation)

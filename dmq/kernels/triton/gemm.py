@@ -195,10 +195,13 @@ def _tma_cfg(bm, bn, bk, warps, stages):
 
 # int8 weights through TMA (Hopper): measured on the H100 (benchmarks/scratch runs of issue 7), 128x256x128 with 4
 # stages was best at FLUX shapes (1.44-1.59x bf16 without the epilogue), 128x128x64 with 5 stages at small N/K.
+# 64-row tiles for layers whose 128x128 tiles fill the GPU only ~1.2 times (SDXL's 2048 x 1280 x 1280: 160 tiles
+# on 132 SMs).
 _TMA_CONFIGS = [_tma_cfg(128, 256, 128, 8, 4), _tma_cfg(256, 128, 128, 8, 3), _tma_cfg(128, 256, 128, 8, 3),
-                _tma_cfg(128, 128, 64, 4, 5), _tma_cfg(128, 128, 128, 4, 4)]
+                _tma_cfg(128, 128, 64, 4, 5), _tma_cfg(128, 128, 128, 4, 4), _tma_cfg(64, 128, 128, 4, 4)]
 # grouped scales: one K step per group (BK = 64 divides every supported group size)
-_TMA_CONFIGS_64 = [_tma_cfg(128, 256, 64, 8, 4), _tma_cfg(256, 128, 64, 8, 4), _tma_cfg(128, 128, 64, 4, 5)]
+_TMA_CONFIGS_64 = [_tma_cfg(128, 256, 64, 8, 4), _tma_cfg(256, 128, 64, 8, 4), _tma_cfg(128, 128, 64, 4, 5),
+                   _tma_cfg(64, 128, 64, 4, 6)]
 _TMA_KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "HAS_BIAS", "RUNS"]
 # How group scales are applied when a run of K steps shares every scale (gcd of the group sizes > BK, e.g. a
 # convolution's per-(pixel, tap) activation scales over Cin channels): 0 = per K step; 1 = int32 accumulation over

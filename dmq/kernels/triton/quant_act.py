@@ -26,9 +26,13 @@ _TARGET_PROGRAMS = 1024  # enough programs for 132 SMs several times over
 # per-token kernel: autotuned over rows per program and K step, keyed on K and the bucketed M. 16 x 512 with 8 warps
 # was the best of a sweep at 4096 x 3072 on the H100 (28 us, vs 68 us for whole rows held in registers and 103 us for
 # an earlier split-K two-launch version); but 16 rows give a 4096-token layer only 256 programs that walk K twice, and
-# at K = 12288 that took 0.14 ms vs 0.095 ms for the one-pass group kernel (issue 7, kernels-h100.json)
-_TOKEN_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=w)
-                  for bm, bk, w in ((16, 512, 8), (8, 1024, 8), (4, 2048, 8), (8, 512, 4), (4, 1024, 4), (2, 2048, 4))]
+# at K = 12288 that took 0.14 ms vs 0.095 ms for the one-pass group kernel (issue 7, kernels-h100.json). BK = 0: the
+# whole row in one load (WHOLE), with 1-4 rows: on the H200 (benchmarks/quant_variants.py) int8 at 4096 x 3072 took
+# 14.8 us with 4 rows against 20.4 us for the two-pass kernel's best, and 256 x 3072 took 2.8 against 7.1 us (16
+# rows per program left 16 programs); the two-pass 4 x 2048 and 2 x 2048 configs never won there.
+_TOKEN_CONFIGS = [triton.Config({"BM": bm, "BK": bk, "WHOLE": bk == 0}, num_warps=w)
+                  for bm, bk, w in ((16, 512, 8), (8, 1024, 8), (8, 512, 4), (4, 1024, 4),
+                                    (4, 0, 8), (2, 0, 8), (1, 0, 16))]
 _TOKEN_BM = 16           # the interpreter's fixed config (no autotuning there)
 SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when it is a constexpr
 
@@ -105,15 +109,20 @@ def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, stride_cm,
                   HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                  TWO_LEVEL_GROUP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                  TWO_LEVEL_GROUP: tl.constexpr, WHOLE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """Per-token scale = amax / qmax (fp32) and codes of BM whole rows: a max pass, then a quantization pass (its
-    re-read of x mostly hits L2). TWO_LEVEL_GROUP > 0: two-level int4 in groups of that size, the per-token scale
-    being scale2 = amax / qmax / SUB_MAX (the largest group scale over SUB_MAX)."""
+    re-read of x mostly hits L2), or, when one K step covers the row (WHOLE), one load kept in registers.
+    TWO_LEVEL_GROUP > 0: two-level int4 in groups of that size, the per-token scale being scale2 = amax / qmax /
+    SUB_MAX (the largest group scale over SUB_MAX)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    amax = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(0, KP, BK):
-        xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
-        amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
+    if WHOLE:
+        xs = _load_xs(x_ptr, sm_ptr, rm, tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
+        amax = tl.max(tl.abs(xs), axis=1)
+    else:
+        amax = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, KP, BK):
+            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
+            amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
     s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
     if TWO_LEVEL_GROUP:
         s = tl.math.div_rn(s, tl.zeros_like(s) + SUB_MAX_C)
@@ -121,24 +130,33 @@ def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, st
     s_div = tl.where(s > 0, s, 1.0)
     inv = rcp(s_div)
     for k0 in range(0, KP, BK):
-        xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
+        if not WHOLE:
+            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
         if TWO_LEVEL_GROUP:
             _store_two_level(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BK)
         else:
             _store_codes(xs, inv, c_ptr, rm, k0, M, KP, stride_cm, IS_FP8, QMAX, PACK, BM, BK)
 
 
+_WHOLE_MAX = 16384   # elements of a whole-row tile (BM x padded K)
+
+
 def _token_prune(configs, named_args, **kwargs):
     """Configs whose K step fits the row: BK lowered to the row's padded length (a power of two, at least 64, so a
-    two-level group always fits), duplicates dropped."""
+    two-level group always fits), duplicates dropped; whole-row configs (BK = 0) take that length when the tile stays
+    within :data:`_WHOLE_MAX` elements (two-level groups: one row per program only, the per-group reshape of wider
+    tiles was 2-5x slower on the H200, benchmarks/results/quant-variants-h200.json)."""
     bk_max = max(next_pow2(named_args["KP"]), 64)
     seen, out = set(), []
     for c in configs:
-        bk = min(c.kwargs["BK"], bk_max)
-        key = (c.kwargs["BM"], bk, c.num_warps)
+        bm, whole = c.kwargs["BM"], c.kwargs["WHOLE"]
+        if whole and (bm * bk_max > _WHOLE_MAX or (kwargs.get("TWO_LEVEL_GROUP") and bm > 1)):
+            continue
+        bk = bk_max if whole else min(c.kwargs["BK"], bk_max)
+        key = (bm, bk, whole, c.num_warps)
         if key not in seen:
             seen.add(key)
-            out.append(triton.Config({"BM": c.kwargs["BM"], "BK": bk}, num_warps=c.num_warps))
+            out.append(triton.Config({"BM": bm, "BK": bk, "WHOLE": whole}, num_warps=c.num_warps))
     return out
 
 
@@ -213,7 +231,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
                     TWO_LEVEL_GROUP=int(group_size) if two_level else 0)
         if fixed_config():
             _token_kernel[(triton.cdiv(m, _TOKEN_BM),)](*args, **meta, BM=_TOKEN_BM, BK=max(64, group_size),
-                                                        num_warps=8)
+                                                        WHOLE=False, num_warps=8)
         else:
             _token_tuned[lambda c: (triton.cdiv(m, c["BM"]),)](*args, **meta)
     if qdtype == "fp8_e4m3":
