@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_results  # noqa: E402
-from kernels import bench, slug  # noqa: E402
+from kernel_bench import bench, slug  # noqa: E402
 
 from dmq.kernels.triton import attention as ta  # noqa: E402
 

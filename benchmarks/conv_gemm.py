@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, device_name, write_results  # noqa: E402
-from kernels import bench, slug  # noqa: E402
+from kernel_bench import bench, slug  # noqa: E402
 
 CASES = [  # name, Cin, Cout, H = W (batch 2)
     ("down0_320", 320, 320, 128),

@@ -17,7 +17,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_results  # noqa: E402
-from kernels import bench, quant_weight, slug  # noqa: E402
+from kernel_bench import bench, quant_weight, slug  # noqa: E402
 
 from dmq.formats import QuantSpec  # noqa: E402
 from dmq.kernels._common import small_int_f32  # noqa: E402

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, device_name, write_results  # noqa: E402
-from kernels import bench, make_data, slug  # noqa: E402
+from kernel_bench import bench, make_data, slug  # noqa: E402
 
 from dmq.formats import QuantSpec, padded_channels, quantize  # noqa: E402
 from dmq.kernels._common import next_pow2  # noqa: E402

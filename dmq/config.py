@@ -213,6 +213,12 @@ register_preset("svdquant-w4a4-2l",
                             smooth_alpha=0.5),
                 "SVDQuant with two-level int4 g64 scales (integer sub-scales × one fp32 scale per row): group-wise "
                 "accuracy at per-channel GEMM speed on Hopper's int8 tensor cores")
+register_preset("svdquant-w4a8-2l",
+                QuantConfig(QuantSpec("int4", "group", 64, two_level=True), _INT8_TOK, modulation=_INT4_G64, rank=32,
+                            smooth_alpha=0.5),
+                "SVDQuant with two-level int4 g64 weights and int8 per-token activations: the same 4-bit weights "
+                "and int8 GEMM as svdquant-w4a4-2l (Hopper has no 4-bit tensor cores, so 4-bit activations reach "
+                "the GEMM as int8 anyway), with a cheaper activation quantizer and 8-bit activation accuracy")
 register_preset("svdquant-nvfp4",
                 QuantConfig(QuantSpec("nvfp4", "group", 16), QuantSpec("nvfp4", "group", 16), modulation=_INT4_G64,
                             rank=32, smooth_alpha=0.5),

@@ -3,7 +3,7 @@
 Integer outputs (codes, scales, dequantized weights) must be bit-exact. Float outputs are compared with
 ``max |kernel - reference| <= TOL * max |reference|`` where the kernel only reorders fp32 sums and rounds once to
 fp16 (TOL = 2e-3 ≈ 4 fp16 half-ulps of the largest output). The interpreter miscomputes in-kernel casts to bf16, so
-bf16 inputs are checked on integer outputs only here (the GPU run of benchmarks/kernels.py checks them).
+bf16 inputs are checked on integer outputs only here (the GPU run of benchmarks/kernel_bench.py checks them).
 """
 
 from __future__ import annotations
@@ -526,7 +526,7 @@ def test_svdquant_forward_matches_formula(monkeypatch):
 
 
 @pytest.mark.parametrize("rank", [0, 16, 64])
-@pytest.mark.parametrize("preset", ["w4a4", "w4a4-channel", "w4a8", "w4a4-2l"])
+@pytest.mark.parametrize("preset", ["w4a4", "w4a4-channel", "w4a8", "w4a4-2l", "w4a8-2l"])
 def test_svdquant_layer_kernel_path_matches_its_reference(rank, preset, monkeypatch):
     """dmq.nn.svdquant.SVDQuantLinear through the fused kernels (registered on import) vs its reference forward."""
     svdquant = pytest.importorskip("dmq.nn.svdquant")

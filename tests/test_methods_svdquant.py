@@ -99,7 +99,7 @@ def test_svdquant_conv_matches_its_float_conv_at_full_rank():
     assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.state_dict().values())
 
 
-@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-w4a4-2l"])
+@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-w4a4-2l", "svdquant-w4a8-2l"])
 def test_svdquant_preset_runs_data_free_and_round_trips(tmp_path, preset):
     pipe = dmq.quantize_pipeline(build_pipeline("dit"), preset, progress=False)
     assert any("data-free" in n for n in pipe.dmq_report.notes)
@@ -117,7 +117,7 @@ def test_smoothquant_preset_needs_calibration():
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "pixart", "sd3", "flux", "dit", "ddpm"])
-@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-nvfp4", "svdquant-w4a4-2l"])
+@pytest.mark.parametrize("preset", ["svdquant-w4a4", "svdquant-nvfp4", "svdquant-w4a4-2l", "svdquant-w4a8-2l"])
 def test_svdquant_presets_run_on_every_family(family, preset):
     pipe = dmq.quantize_pipeline(build_pipeline(family), preset, progress=False)
     model = pipe.unet if hasattr(pipe, "unet") else pipe.transformer

@@ -25,6 +25,18 @@ def test_results_follow_schema(path):
     assert doc["command"].startswith("python benchmarks/"), "the command must be rerunnable from the repo root"
 
 
+def test_no_benchmark_script_shadows_an_installed_module():
+    """Scripts run with benchmarks/ first on sys.path (and this test module puts it there): a script named like an
+    installed top-level module would replace it for every import in the process. benchmarks/kernels.py did that to
+    Hugging Face's ``kernels`` (a transformers dependency that diffusers imports when it is installed), which broke
+    every benchmark importing diffusers' model loaders; it is benchmarks/kernel_bench.py now."""
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()
+    assert "kernels" in installed          # the case that bit: transformers brings it into CI's environment
+    assert not [p.name for p in BENCH.glob("*.py") if p.stem in installed]
+
+
 def test_validate_rejects_bad_documents():
     good = {"device": "cpu", "versions": {"torch": "x", "triton": None, "diffusers": "y", "dmq": "z"},
             "command": "python benchmarks/x.py", "rows": [{"case": "a", "variant": "b", "ms": 1.0}]}

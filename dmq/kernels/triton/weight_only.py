@@ -19,7 +19,7 @@ __all__ = ["weight_only_linear", "dequantize_weight", "GEMV_MAX_M"]
 GEMV_MAX_M = 16
 # int4b weights and M ≤ this: the CUDA-core GEMV (no MMA tile, no layout conversion). It reads the weights once per
 # row of x: at 2×3072×18432 it took 44 µs on the H100 against 32 µs for the MMA kernel, 24 µs at M = 1
-# (benchmarks/gemv_variants.py, benchmarks/kernels.py).
+# (benchmarks/gemv_variants.py, benchmarks/kernel_bench.py).
 ELT_MAX_M = 1
 _FMT = {"int4b": 0, "int8": 1, "fp4": 2}
 

@@ -3,9 +3,9 @@ low-rank (group and per-channel, fused, with two LoRAs, unfused, and ablations),
 FLUX / PixArt-Σ / SDXL shapes, all in one process. Prints ratios vs bf16 and as a fraction of the fp8 ceiling
 (``_scaled_mm`` on pre-quantized operands), and writes ``benchmarks/results/kernels-<device>.json``.
 
-    python benchmarks/kernels.py                 # everything (CUDA GPU needed)
-    python benchmarks/kernels.py --check         # GPU correctness checks vs the references first
-    python benchmarks/kernels.py --cases flux_qkv,flux_mod --budget-s 300
+    python benchmarks/kernel_bench.py                 # everything (CUDA GPU needed)
+    python benchmarks/kernel_bench.py --check         # GPU correctness checks vs the references first
+    python benchmarks/kernel_bench.py --cases flux_qkv,flux_mod --budget-s 300
 
 Variant names: ``dmq-w4a4-*-r32``: the resident int4 weight is expanded to an int8 workspace per call, then the
 int8 (TMA on Hopper) GEMM; ``+2lora`` = rank 32 + 16 + 16; ``-inloop`` = nibbles unpacked inside the GEMM's K loop
@@ -489,7 +489,7 @@ def main() -> None:
     ap.add_argument("--results-dir", default=os.environ.get("DMQ_RESULTS_DIR", str(RESULTS_DIR)))
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA GPU")
+        raise SystemExit("benchmarks/kernel_bench.py needs a CUDA GPU")
     import dmq.kernels.linear  # noqa: F401 - registers the layer kernels
 
     try:
