@@ -130,13 +130,28 @@ def _random_loras(model: torch.nn.Module, ranks: tuple[int, ...]) -> list[dict[s
 def _prepare(model: torch.nn.Module, variant: str, fuse: bool = False) -> tuple[torch.nn.Module, str]:
     """Apply ``variant`` (without its ``+compile``) to ``model``; returns the model and a note. A ``-attn8`` suffix
     also runs self/joint attention in 8 bits (dmq.methods.attention); a ``-fused`` suffix (before ``-attn8``) fuses
-    the q/k/v projections (``QuantConfig.fuse_projections`` for dmq, diffusers' ``fuse_qkv_projections`` for bf16)."""
+    the q/k/v projections (``QuantConfig.fuse_projections`` for dmq, diffusers' ``fuse_qkv_projections`` for bf16).
+    dmq variants are data-free, so they have no smoothing: ``-smooth`` (after ``-fused``) gives every SVDQuant layer
+    a smoothing vector of ones (what a calibrated model runs; values do not change speed), and ``-kernelsmooth``
+    (last) keeps that smoothing inside the quantizer in compiled graphs (``dmq.kernels.linear.SMOOTH_IN_GRAPH``)."""
     if variant.endswith("-attn8"):
         from dmq.methods.attention import enable_quantized_attention
 
         model, note = _prepare(model, variant.removesuffix("-attn8"))
         n = len(enable_quantized_attention(model, "int8"))
         return model, f"{note + ', ' if note else ''}int8 attention on {n} modules"
+    if variant.endswith("-kernelsmooth"):
+        import dmq.kernels.linear as klinear
+
+        klinear.SMOOTH_IN_GRAPH = False
+        model, note = _prepare(model, variant.removesuffix("-kernelsmooth"), fuse)
+        return model, note + ", smoothing inside the quantizer in compiled graphs too"
+    if variant.endswith("-smooth"):
+        model, note = _prepare(model, variant.removesuffix("-smooth"), fuse)
+        layers = [m for m in model.modules() if getattr(m, "proj_down", None) is not None and m.smooth is None]
+        for m in layers:   # ones: the outputs stay the same, the kernels do the work of calibrated smoothing
+            m.smooth = torch.ones(m.channels, dtype=m.proj_down.dtype, device=m.proj_down.device)
+        return model, f"{note}, smoothing vectors (ones) on {len(layers)} layers"
     if variant.endswith("-fused"):
         return _prepare(model, variant.removesuffix("-fused"), fuse=True)
     if variant == "bf16":
