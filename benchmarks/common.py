@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -50,3 +52,20 @@ def write_results(name: str, rows: list[dict[str, Any]], results_dir: Path = RES
     path = results_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def gpu_script_args(doc: str, script: str,
+                    extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The command line of a GPU micro-benchmark: ``--cases`` (comma-separated names, parsed into the set
+    ``args.wanted``; empty = all), ``--results-dir`` (default ``$DMQ_RESULTS_DIR`` or benchmarks/results) and what
+    ``extra`` adds; exits with a message when no CUDA GPU is present."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--results-dir", default=os.environ.get("DMQ_RESULTS_DIR", str(RESULTS_DIR)))
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"benchmarks/{script} needs a CUDA GPU")
+    args.wanted = set(filter(None, args.cases.split(",")))
+    return args

@@ -13,8 +13,6 @@ Times are CUDA-graph replays (median); ratios are bf16 cuDNN time / variant time
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, device_name, write_results  # noqa: E402
+from common import device_name, gpu_script_args, write_results  # noqa: E402
 from kernel_bench import bench, slug  # noqa: E402
 
 CASES = [  # name, Cin, Cout, H = W (batch 2)
@@ -126,19 +124,13 @@ def stage_rows(name: str, cin: int, cout: int, hw: int, layers: dict, x: torch.T
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
-    ap.add_argument("--results-dir", default=os.environ.get("DMQ_RESULTS_DIR", str(RESULTS_DIR)))
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/conv_gemm.py needs a CUDA GPU")
+    args = gpu_script_args(__doc__, "conv_gemm.py")
     import dmq.kernels.linear  # noqa: F401 - registers the layer kernels
 
     dev = torch.device("cuda")
-    want = set(filter(None, args.cases.split(",")))
     rows: list[dict] = []
     for name, cin, cout, hw in CASES:
-        if want and name not in want:
+        if args.wanted and name not in args.wanted:
             continue
         x = torch.randn(2, cin, hw, hw, device=dev, dtype=torch.bfloat16)
         wt = torch.randn(cout, cin, 3, 3, device=dev, dtype=torch.bfloat16) / (9 * cin) ** 0.5

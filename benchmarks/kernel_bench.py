@@ -22,7 +22,6 @@ as under torch.compile + CUDA graphs. Fidelity: SQNR (dB) of each variant's outp
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, device_name, write_results  # noqa: E402
+from common import device_name, gpu_script_args, write_results  # noqa: E402
 
 CASES = [  # name, M, K, N (most important first: a run cut short by --budget-s keeps these)
     ("flux_qkv", 4096, 3072, 9216),
@@ -479,17 +478,15 @@ def _run_checks(dev, rows):
     del kl
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+def _options(ap) -> None:
     ap.add_argument("--check", action="store_true", help="GPU correctness checks before timing")
     ap.add_argument("--check-last", action="store_true", help="GPU correctness checks after timing")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this many seconds")
-    ap.add_argument("--results-dir", default=os.environ.get("DMQ_RESULTS_DIR", str(RESULTS_DIR)))
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernel_bench.py needs a CUDA GPU")
+
+
+def main() -> None:
+    args = gpu_script_args(__doc__, "kernel_bench.py", _options)
     import dmq.kernels.linear  # noqa: F401 - registers the layer kernels
 
     try:
@@ -507,9 +504,8 @@ def main() -> None:
         run_checks(dev, rows)
         write_results(name, rows, Path(args.results_dir))
     if not args.no_bench:
-        want = set(filter(None, args.cases.split(",")))
         for cname, m, k, n in CASES:
-            if want and cname not in want:
+            if args.wanted and cname not in args.wanted:
                 continue
             if time.time() - t0 > args.budget_s:
                 print(f"budget reached: skipping {cname}")

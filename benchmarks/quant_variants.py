@@ -19,8 +19,6 @@ Every variant's output is compared bit for bit with dmq's. Writes ``benchmarks/r
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, device_name, write_results  # noqa: E402
+from common import device_name, gpu_script_args, write_results  # noqa: E402
 from kernel_bench import bench, make_data, slug  # noqa: E402
 
 from dmq.formats import QuantSpec, padded_channels, quantize  # noqa: E402
@@ -137,18 +135,12 @@ def expand_rows(name, n, k, dev, quick):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="", help="comma-separated shape names (default: all)")
-    ap.add_argument("--quick", action="store_true", help="fewer configs of dmq's own kernels")
-    ap.add_argument("--results-dir", default=os.environ.get("DMQ_RESULTS_DIR", str(RESULTS_DIR)))
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/quant_variants.py needs a CUDA GPU")
+    args = gpu_script_args(__doc__, "quant_variants.py", lambda ap: ap.add_argument(
+        "--quick", action="store_true", help="fewer configs of dmq's own kernels"))
     dev = torch.device("cuda")
-    want = set(filter(None, args.cases.split(",")))
     rows: list[dict] = []
     for name, m, k, n in SHAPES:
-        if want and name not in want:
+        if args.wanted and name not in args.wanted:
             continue
         new = quant_rows(name, m, k, dev, args.quick) + expand_rows(name, n, k, dev, args.quick)
         for r in new:
