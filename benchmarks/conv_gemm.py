@@ -3,8 +3,9 @@ per-(pixel, tap) activation scales of the im2col GEMM are applied (``dmq.kernels
 step, or once per run of Cin columns), against the same GEMM with per-row scales (no
 scales in the K loop), a bf16 cuBLAS GEMM of the same shape and the bf16 cuDNN convolution; the im2col of the int8
 codes by dmq's Triton kernel and by PyTorch's strided copy (the reference); then whole ``QuantConv2d`` layers
-(w8a8 and two-level W4A4 with a rank-32 branch: quantization, im2col, GEMM) against cuDNN (NCHW and channels-last
-inputs), and each layer's GPU time per kernel (profiler).
+(w8a8 and two-level W4A4 with a rank-32 branch: quantization, im2col, GEMM; or, ``-implicit``, the implicit-GEMM
+kernel ``conv_gemm_int`` without im2col) against cuDNN (NCHW and channels-last inputs), and each layer's GPU time per
+kernel (profiler).
 
     python benchmarks/conv_gemm.py            # → benchmarks/results/conv-gemm-<device>.json
 
@@ -67,6 +68,11 @@ def gemm_rows(name: str, cin: int, cout: int, hw: int, dev, t_conv: float) -> li
         rows.append(row)
     tg.GROUP_RUNS = 1
     codes = a[:, :cin].reshape(2, hw, hw, cin).contiguous()
+    pix_scales = a_tap[:, 4].float().reshape(2, hw, hw).contiguous()
+    ms, timer = bench(lambda: tg.conv_gemm_int(codes, pix_scales, w, w_s, 3, 3, 1, 1, 1, 1, None, None, None,
+                                               torch.bfloat16))
+    rows.append({"case": name, "variant": "dmq-conv-gemm-implicit", "M": m, "K": k, "N": n, "ms": round(ms, 5),
+                 "ratio_vs_cudnn": round(t_conv / ms, 3), "timer": timer})
     for vname, fn in (("im2col-codes-triton", ti2c.im2col), ("im2col-codes-torch", ri2c.im2col)):
         ms, timer = bench(lambda fn=fn: fn(codes, 3, 3, 1, 1, 1, 1, 1, 1))
         rows.append({"case": name, "variant": vname, "M": m, "K": k, "N": n, "ms": round(ms, 5),
@@ -76,6 +82,7 @@ def gemm_rows(name: str, cin: int, cout: int, hw: int, dev, t_conv: float) -> li
 
 def layer_rows(name: str, cin: int, cout: int, hw: int, dev, x, t_conv: float) -> list[dict]:
     from dmq.formats import QuantSpec
+    from dmq.kernels import linear as klinear
     from dmq.kernels.triton import gemm as tg
     from dmq.nn.conv import QuantConv2d
     from dmq.nn.svdquant import SVDQuantConv2d
@@ -87,9 +94,10 @@ def layer_rows(name: str, cin: int, cout: int, hw: int, dev, x, t_conv: float) -
     y_ref = conv(x).float()
     rows = []
     for lname, layer in layers.items():
-        for mode, label in RUN_MODES.items():
-            def run(layer=layer, mode=mode):
+        for label, mode, implicit in (*((lb, md, False) for md, lb in RUN_MODES.items()), ("implicit", 1, True)):
+            def run(layer=layer, mode=mode, implicit=implicit):
                 tg.GROUP_RUNS = mode
+                klinear.IMPLICIT_CONV = implicit
                 return layer(x)
             ms, timer = bench(run)
             err = (run().float() - y_ref).pow(2).mean() / y_ref.pow(2).mean()
@@ -97,6 +105,7 @@ def layer_rows(name: str, cin: int, cout: int, hw: int, dev, x, t_conv: float) -
                          "N": cout, "ms": round(ms, 5), "ratio_vs_cudnn": round(t_conv / ms, 3), "timer": timer,
                          "rel_mse_vs_bf16": float(f"{err.item():.3g}")})
     tg.GROUP_RUNS = 1
+    klinear.IMPLICIT_CONV = False
     rows += stage_rows(name, cin, cout, hw, layers, x)
     return rows
 

@@ -133,13 +133,21 @@ def _prepare(model: torch.nn.Module, variant: str, fuse: bool = False) -> tuple[
     the q/k/v projections (``QuantConfig.fuse_projections`` for dmq, diffusers' ``fuse_qkv_projections`` for bf16).
     dmq variants are data-free, so they have no smoothing: ``-smooth`` (after ``-fused``) gives every SVDQuant layer
     a smoothing vector of ones (what a calibrated model runs; values do not change speed), and ``-kernelsmooth``
-    (last) keeps that smoothing inside the quantizer in compiled graphs (``dmq.kernels.linear.SMOOTH_IN_GRAPH``)."""
+    (after ``-smooth``) keeps that smoothing inside the quantizer in compiled graphs
+    (``dmq.kernels.linear.SMOOTH_IN_GRAPH``); ``-implicitconv`` (last) runs stride-1 convolutions through the
+    implicit-GEMM kernel (``dmq.kernels.linear.IMPLICIT_CONV``)."""
     if variant.endswith("-attn8"):
         from dmq.methods.attention import enable_quantized_attention
 
         model, note = _prepare(model, variant.removesuffix("-attn8"))
         n = len(enable_quantized_attention(model, "int8"))
         return model, f"{note + ', ' if note else ''}int8 attention on {n} modules"
+    if variant.endswith("-implicitconv"):
+        import dmq.kernels.linear as klinear
+
+        klinear.IMPLICIT_CONV = True
+        model, note = _prepare(model, variant.removesuffix("-implicitconv"), fuse)
+        return model, note + ", implicit-GEMM convolutions"
     if variant.endswith("-kernelsmooth"):
         import dmq.kernels.linear as klinear
 

@@ -455,6 +455,21 @@ def _run_checks(dev, rows):
                 e = rel(layer(x), layer.reference_forward(x))
                 record(f"conv {dn} {acts.describe() if acts else 'weight-only'}", e < 2e-2, e)
             guard(f"conv {dn}", f)
+        two_level = QuantSpec("int4", "group", 64, two_level=True)
+        for ws, acts in ((QuantSpec("int8", "channel"), QuantSpec("int8", "token")), (two_level, two_level)):
+            def f(ws=ws, acts=acts):   # the implicit-GEMM conv: TMA windows at negative and past-the-end rows
+                conv = torch.nn.Conv2d(320, 192, 3, padding=1).to(dev, dt)
+                layer = QuantConv2d.from_module(conv, ws, acts)
+                x = torch.randn(2, 320, 17, 13, device=dev).to(dt)
+                y_im2col = layer(x)
+                kl.IMPLICIT_CONV = True
+                try:
+                    y = layer(x)
+                finally:
+                    kl.IMPLICIT_CONV = False
+                e = rel(y, layer.reference_forward(x))
+                record(f"conv {dn} implicit {acts.describe()}", e < 2e-2 and torch.equal(y, y_im2col), e)
+            guard(f"conv {dn} implicit", f)
 
     def f_compile():
         k, n = 1024, 512

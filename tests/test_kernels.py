@@ -263,6 +263,53 @@ def test_im2col_rejects_bad_geometry():
         ti2c.im2col(torch.zeros(4, 4, 8, dtype=torch.int8), 3, 3, 1, 1, 1, 1, 1, 1)
 
 
+CONV_GEOMETRIES = [(3, 3, 1, 1, 1, 1), (3, 3, 2, 2, 2, 2), (5, 3, 2, 1, 1, 1), (1, 1, 0, 0, 1, 1)]   # kh kw ph pw dh dw
+
+
+def _conv_gemm_inputs(kh, kw, r, b=2, h=5, w=7, cp=128, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (b, h, w, cp), dtype=torch.int8, generator=g)
+    scales = torch.rand(b, h, w, generator=g) * 1e-2 + 1e-3
+    wt = torch.randint(-127, 128, (n, kh * kw * cp), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) + 0.5
+    lr = (torch.randn(b * h * w, r, generator=g) / 4).half() if r else None
+    up = (torch.randn(r, n, generator=g) / 4).half() if r else None
+    return codes, scales, wt, ws, lr, up, torch.randn(n, generator=g).half()
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=lambda g: "k{}x{}-p{}x{}-d{}x{}".format(*g))
+@pytest.mark.parametrize("r", [0, 16])
+def test_conv_gemm_int_matches_im2col_gemm(geometry, r):
+    """The implicit-GEMM convolution (each tap's rows read from the NHWC codes through a shifted descriptor window,
+    zero scales outside the image) equals im2col + the same GEMM bit for bit, and the reference within fp16
+    rounding; 5 × 7 images, so tiles cross image rows and the two images."""
+    kh, kw, ph, pw, dh, dw = geometry
+    codes, scales, wt, ws, lr, up, bias = _conv_gemm_inputs(kh, kw, r)
+    got = tgemm.conv_gemm_int(codes, scales, wt, ws, *geometry, lr, up, bias, torch.float16)
+    im2col = (kh, kw, 1, 1, ph, pw, dh, dw)
+    via_im2col = tgemm.gemm_int(ri2c.im2col(codes, *im2col), ri2c.im2col(scales[..., None], *im2col), wt, ws,
+                                "int8", codes.shape[3], 0, lr, up, bias, torch.float16)
+    assert got.shape == (70, 40) and torch.equal(got, via_im2col)
+    ref = rgemm.conv_gemm_int(codes, scales, wt, ws, *geometry, lr, up, bias, torch.float16)
+    _close(got, ref, tol=1e-3)
+    assert torch.equal(torch.ops.dmq.conv_gemm_int(codes, scales, wt, ws, *geometry, lr, up, bias, torch.float16),
+                       ref)
+
+
+def test_conv_gemm_int_rejects_what_it_does_not_serve():
+    codes, scales, wt, ws, _, _, _ = _conv_gemm_inputs(3, 3, 0)
+    for fn in (tgemm.conv_gemm_int, rgemm.conv_gemm_int):
+        with pytest.raises(ValueError, match="keep the input size"):
+            fn(codes, scales, wt, ws, 3, 3, 0, 0, 1, 1, None, None, None, torch.float16)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        tgemm.conv_gemm_int(codes[..., :96].contiguous(), scales, wt, ws, 3, 3, 1, 1, 1, 1, None, None, None,
+                            torch.float16)
+    with pytest.raises(ValueError, match="scales must be fp32"):
+        tgemm.conv_gemm_int(codes, scales.half(), wt, ws, 3, 3, 1, 1, 1, 1, None, None, None, torch.float16)
+    with pytest.raises(ValueError, match="w must be K-contiguous int8"):
+        tgemm.conv_gemm_int(codes, scales, wt[:, :500], ws, 3, 3, 1, 1, 1, 1, None, None, None, torch.float16)
+
+
 def test_gemm_rejects_unsupported_layouts():
     a, a_s, w, w_s, lr, up, bias = _gemm_inputs(5, 128, 16, "int4b", 0, 0, 0)
     with pytest.raises(ValueError, match="multiple of 64"):
@@ -405,10 +452,12 @@ def _op_samples():
         (torch.ops.dmq.nvfp4_linear.default, (x, None, None, None, wn, sn, qn.scale2, None)),
         (torch.ops.dmq.im2col.default, (torch.randint(-8, 8, (2, 5, 6, 64), dtype=torch.int8), 3, 3, 2, 1, 1, 1, 1,
                                         1)),
+        (torch.ops.dmq.conv_gemm_int.default, (*_conv_gemm_inputs(3, 3, 8, cp=64)[:4], 3, 3, 1, 1, 1, 1,
+                                               *_conv_gemm_inputs(3, 3, 8, cp=64)[4:], torch.float16)),
     ]
 
 
-@pytest.mark.parametrize("i", range(9))
+@pytest.mark.parametrize("i", range(10))
 def test_custom_op_opcheck(i):
     op, args = _op_samples()[i]
     utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -446,7 +495,8 @@ def _use_triton(monkeypatch) -> None:
     from dmq.kernels.triton import fp8 as tfp8
 
     launchers = {"quantize_act": tq.quantize_act, "gemm_int": tgemm.gemm_int,
-                 "dequantize_weight": two.dequantize_weight, "im2col": ti2c.im2col}
+                 "dequantize_weight": two.dequantize_weight, "im2col": ti2c.im2col,
+                 "conv_gemm_int": tgemm.conv_gemm_int}
     monkeypatch.setattr(ops, "fast", lambda name, x: launchers[name])
 
     def weight_only(x, w, s, fmt, g, bias):     # as the CUDA op: GEMV for M ≤ 16, else dequantize + F.linear
@@ -625,6 +675,33 @@ def test_smoothing_in_a_compiled_graph_is_the_reference_division(conv, monkeypat
     monkeypatch.setattr(klinear, "SMOOTH_IN_GRAPH", False)
     forward(layer, x)
     assert seen[-1][1] is not None
+
+
+@pytest.mark.parametrize("weights,acts,stride", [(QuantSpec("int8", "channel"), QuantSpec("int8", "token"), 1),
+                                                 (_TWO_LEVEL, _TWO_LEVEL, 1), (_TWO_LEVEL, _TWO_LEVEL, 2)],
+                         ids=["w8a8", "two-level", "two-level-stride2"])
+def test_implicit_conv_path_equals_the_im2col_path(weights, acts, stride, monkeypatch):
+    """With IMPLICIT_CONV, a stride-1 same-size conv (SVDQuant branch included) runs the implicit-GEMM kernel and
+    gives the im2col path's output bit for bit; a stride-2 conv keeps the im2col path."""
+    from dmq.nn.svdquant import SVDQuantConv2d
+
+    _use_triton(monkeypatch)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 24, 3, stride=stride, padding=1).half()
+    layer = SVDQuantConv2d.from_module(conv, weights, acts, rank=16, smooth=torch.rand(64) + 0.5)
+    x = torch.randn(2, 64, 6, 5).half()
+    calls = []
+    fast = ops.fast
+    for owner in (ops, klinear.ops):
+        monkeypatch.setattr(owner, "fast", lambda name, t: calls.append(name) or fast(name, t))
+    y_im2col = klinear.conv_forward(layer, x)
+    assert "conv_gemm_int" not in calls
+    monkeypatch.setattr(klinear, "IMPLICIT_CONV", True)
+    calls.clear()
+    y = klinear.conv_forward(layer, x)
+    assert ("conv_gemm_int" in calls) == (stride == 1) and ("im2col" in calls) == (stride == 2)
+    assert torch.equal(y, y_im2col)
+    _close(y, layer.reference_forward(x), tol=2e-2)
 
 
 def test_dispatch_registration_and_cpu_fallback():

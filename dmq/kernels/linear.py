@@ -33,9 +33,10 @@ import torch.nn.functional as F
 
 from dmq.formats import padded_channels
 from dmq.kernels import ops
-from dmq.kernels._common import HAS_TRITON, fold_down
+from dmq.kernels._common import HAS_TRITON, fold_down, interpreting
 from dmq.kernels.dispatch import register_kernel
 from dmq.kernels.layouts import int4_to_blocked
+from dmq.kernels.reference.gemm import conv_same_size
 from dmq.kernels.reference.im2col import conv_out_hw
 from dmq.kernels.reference.quant_act import TWO_LEVEL
 from dmq.nn.conv import QuantConv2d
@@ -59,17 +60,28 @@ INT4_GEMM = "auto"
 # would be one more pass over x.
 SMOOTH_IN_GRAPH = True
 
+# Quantized stride-1 convolutions that keep the input size (a U-Net's 3×3 convs), with int8 weights (w8a8, two-level
+# int4) and one activation scale per pixel: True = the implicit-GEMM kernel (:func:`dmq.kernels.ops.conv_gemm_int`,
+# Hopper's TMA reads each tap's rows from the NHWC codes), False = im2col of codes and scales, then the GEMM. Off
+# until measured on a GPU (benchmarks/conv_gemm.py's ``-implicit`` rows); checked bit-exact against the im2col path.
+IMPLICIT_CONV = False
+
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 _CACHE_ATTR = "_dmq_kernel_weights"
+
+
+def _capability(x: torch.Tensor) -> tuple[int, int]:
+    """Compute capability of CUDA tensor x's device (cached: the launchers run ~1,300 times per FLUX step)."""
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx]
 
 
 def _gpu_ok(x: torch.Tensor) -> bool:
     if not (HAS_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
         return False
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPABILITY[idx] >= (8, 0)
+    return _capability(x) >= (8, 0)
 
 
 def _group(spec) -> int:
@@ -275,10 +287,6 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
     pix = x.permute(0, 2, 3, 1).reshape(b * h * w, cin).contiguous()
     codes, scales, _ = ops.fast("quantize_act", pix)(pix, smooth, None, act_dtype, act_group, False)
     cp = codes.shape[1]
-    geometry = (kh, kw, *layer.stride, *layer.padding, *layer.dilation)
-    im2col = ops.fast("im2col", pix)
-    a = im2col(codes.reshape(b, h, w, cp), *geometry)
-    a_scales = im2col(scales.reshape(b, h, w, -1), *geometry)
     ho, wo = conv_out_hw(h, w, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     w_, fmt, w_scales, w_group = _int_weight(prep, ag or cp)
     lowrank = proj_up = None
@@ -288,9 +296,27 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
         down = down.T.reshape(r, kh, kw, cin).permute(0, 3, 1, 2)
         lowrank = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation).permute(0, 2, 3, 1)
         lowrank, proj_up = lowrank.reshape(-1, r), layer.proj_up
-    y = ops.fast("gemm_int", pix)(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, lowrank, proj_up, layer.bias,
-                                  x.dtype)
+    if _implicit(layer, pix, fmt, ag, w_group):
+        y = ops.fast("conv_gemm_int", pix)(codes.reshape(b, h, w, cp), scales.reshape(b, h, w), w_, w_scales, kh, kw,
+                                           *layer.padding, *layer.dilation, lowrank, proj_up, layer.bias, x.dtype)
+    else:
+        geometry = (kh, kw, *layer.stride, *layer.padding, *layer.dilation)
+        im2col = ops.fast("im2col", pix)
+        a = im2col(codes.reshape(b, h, w, cp), *geometry)
+        a_scales = im2col(scales.reshape(b, h, w, -1), *geometry)
+        y = ops.fast("gemm_int", pix)(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, lowrank, proj_up,
+                                      layer.bias, x.dtype)
     return y.reshape(b, ho, wo, cout).permute(0, 3, 1, 2)
+
+
+def _implicit(layer, pix: torch.Tensor, w_format: str, act_group: int, w_group: int) -> bool:
+    """Whether :data:`IMPLICIT_CONV` serves this call: stride 1, output size = input size, int8 weights with
+    per-channel scales, per-pixel activation scales, and a TMA GPU (compute capability 9.0; the interpreter in
+    the CPU tests)."""
+    if not (IMPLICIT_CONV and w_format == "int8" and not act_group and not w_group and layer.stride == (1, 1)
+            and conv_same_size(*layer.kernel_size, *layer.padding, *layer.dilation)):
+        return False
+    return _capability(pix) >= (9, 0) if pix.is_cuda else interpreting()
 
 
 # -- SVDQuant ----------------------------------------------------------------------------------------------------------

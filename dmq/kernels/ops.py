@@ -6,6 +6,8 @@ Ops (signatures as in :mod:`dmq.kernels.reference`):
 
 - ``quantize_act(x, smooth?, proj_down?, qdtype, group_size, pack) -> (codes, scales, lowrank)``
 - ``gemm_int(a, a_scales, w, w_scales, w_format, a_group, w_group, lowrank?, proj_up?, bias?, out_dtype) -> y``
+- ``conv_gemm_int(codes, scales, w, w_scales, kh, kw, ph, pw, dh, dw, lowrank?, proj_up?, bias?, out_dtype) -> y``
+  (an implicit-GEMM stride-1 convolution over NHWC codes, no im2col; CUDA: Hopper's TMA)
 - ``weight_only_linear(x, w, w_scales, w_format, w_group, bias?) -> y`` (GEMV for M ≤ 16, else dequantize + cuBLAS)
 - ``dequantize_weight(w, w_scales, w_format, w_group, k, out_dtype) -> w16``
 - ``fp8_linear(x, w, w_scales, bias?) -> y`` (Triton quantization + ``torch._scaled_mm``)
@@ -34,8 +36,9 @@ from dmq.kernels.reference import nvfp4 as _ref_nvfp4
 from dmq.kernels.reference import quant_act as _ref_quant
 from dmq.kernels.reference import weight_only as _ref_wo
 
-__all__ = ["quantize_act", "gemm_int", "weight_only_linear", "dequantize_weight", "fp8_linear", "nvfp4_quantize",
-           "nvfp4_linear", "int8_attention", "im2col", "quantized_linear", "fused_w4a4_lowrank", "fast"]
+__all__ = ["quantize_act", "gemm_int", "conv_gemm_int", "weight_only_linear", "dequantize_weight", "fp8_linear",
+           "nvfp4_quantize", "nvfp4_linear", "int8_attention", "im2col", "quantized_linear", "fused_w4a4_lowrank",
+           "fast"]
 
 
 _MODULES: dict[str, object] = {}
@@ -98,6 +101,26 @@ def _(a, a_scales, w, w_scales, w_format, a_group, w_group, lowrank, proj_up, bi
 @gemm_int.register_fake
 def _(a, a_scales, w, w_scales, w_format, a_group, w_group, lowrank, proj_up, bias, out_dtype):
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dmq::conv_gemm_int", mutates_args=())
+def conv_gemm_int(codes: Tensor, scales: Tensor, w: Tensor, w_scales: Tensor, kh: int, kw: int, ph: int, pw: int,
+                  dh: int, dw: int, lowrank: Optional[Tensor], proj_up: Optional[Tensor], bias: Optional[Tensor],
+                  out_dtype: torch.dtype) -> Tensor:
+    return _ref_gemm.conv_gemm_int(codes, scales, w, w_scales, kh, kw, ph, pw, dh, dw, lowrank, proj_up, bias,
+                                   out_dtype)
+
+
+@conv_gemm_int.register_kernel("cuda")
+def _(codes, scales, w, w_scales, kh, kw, ph, pw, dh, dw, lowrank, proj_up, bias, out_dtype):
+    return _tk("gemm").conv_gemm_int(codes, scales, w, w_scales, kh, kw, ph, pw, dh, dw, lowrank, proj_up, bias,
+                                     out_dtype)
+
+
+@conv_gemm_int.register_fake
+def _(codes, scales, w, w_scales, kh, kw, ph, pw, dh, dw, lowrank, proj_up, bias, out_dtype):
+    b, h, wd, _ = codes.shape
+    return codes.new_empty((b * h * wd, w.shape[0]), dtype=out_dtype)
 
 
 # -- weight-only -------------------------------------------------------------------------------------------------
@@ -224,11 +247,13 @@ def _(t, kh, kw, sh, sw, ph, pw, dh, dw):
 
 # -- compositions ------------------------------------------------------------------------------------------------
 _FAST = {"quantize_act": (quantize_act, "quant_act"), "gemm_int": (gemm_int, "gemm"),
-         "dequantize_weight": (dequantize_weight, "weight_only"), "im2col": (im2col, "im2col")}
+         "conv_gemm_int": (conv_gemm_int, "gemm"), "dequantize_weight": (dequantize_weight, "weight_only"),
+         "im2col": (im2col, "im2col")}
 
 
 def fast(name: str, x: Tensor):
-    """The custom op ``name`` (``quantize_act``, ``gemm_int``, ``dequantize_weight`` or ``im2col``), or, for an eager
+    """The custom op ``name`` (a key of ``_FAST``: ``quantize_act``, ``gemm_int``, ``conv_gemm_int``,
+    ``dequantize_weight`` or ``im2col``), or, for an eager
     call on a CUDA tensor ``x``, its Triton launcher itself (the op's CUDA implementation: same signature and
     results). The dispatcher costs tens of µs of host time per call, which an eager FLUX step pays ~1,300 times
     (benchmarks/results/host-profile-h100.json); traced calls keep the op, one graph node."""

@@ -7,8 +7,9 @@ import math
 import torch
 
 from dmq.kernels.layouts import blocked_to_int8
+from dmq.kernels.reference.im2col import im2col
 
-__all__ = ["gemm_int", "weight_codes"]
+__all__ = ["gemm_int", "conv_gemm_int", "conv_same_size", "weight_codes"]
 
 
 def weight_codes(w: torch.Tensor, w_format: str, k: int) -> torch.Tensor:
@@ -59,3 +60,27 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
     if bias is not None:
         acc = acc + bias.to(torch.float32)
     return acc.to(out_dtype)
+
+
+def conv_same_size(kh: int, kw: int, ph: int, pw: int, dh: int, dw: int) -> bool:
+    """Whether a stride-1 convolution with this geometry keeps the input's height and width (the case
+    :func:`conv_gemm_int` serves)."""
+    return 2 * ph == dh * (kh - 1) and 2 * pw == dw * (kw - 1)
+
+
+def conv_gemm_int(codes: torch.Tensor, scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, kh: int,
+                  kw: int, ph: int, pw: int, dh: int, dw: int, lowrank: torch.Tensor | None,
+                  proj_up: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """A quantized stride-1 convolution whose output keeps the input's size, as one GEMM over its im2col.
+
+    codes: int8 NHWC ``(B, H, W, Cp)``, Cp a multiple of 64; scales: fp32 ``(B, H, W)``, one per input pixel; w: int8
+    ``(N, kh · kw · Cp)`` ordered (kh, kw, Cp); w_scales: fp32 ``(N,)``; lowrank ``(B·H·W, R)`` / proj_up ``(R, N)``
+    16-bit or None; bias ``(N,)`` or None. Returns ``(B·H·W, N)`` in ``out_dtype``: :func:`gemm_int` of the im2col
+    of the codes with the im2col of the scales as per-(pixel, tap) groups of Cp columns."""
+    if not conv_same_size(kh, kw, ph, pw, dh, dw):
+        raise ValueError(f"conv_gemm_int serves stride-1 convolutions that keep the input size; kernel {kh}x{kw}, "
+                         f"padding ({ph}, {pw}), dilation ({dh}, {dw}) does not")
+    cp = codes.shape[3]
+    geometry = (kh, kw, 1, 1, ph, pw, dh, dw)
+    return gemm_int(im2col(codes, *geometry), im2col(scales[..., None], *geometry), w, w_scales, "int8", cp, 0,
+                    lowrank, proj_up, bias, out_dtype)

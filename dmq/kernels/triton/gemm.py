@@ -14,8 +14,9 @@ import triton.language as tl
 
 from dmq.kernels._common import FLOAT16, bench_fn, check, fixed_config, interpreting, m_bucket, next_pow2
 from dmq.kernels.layouts import blocked_kb
+from dmq.kernels.reference.gemm import conv_same_size as _ref_conv_same_size
 
-__all__ = ["gemm_int", "tma_ok"]
+__all__ = ["gemm_int", "conv_gemm_int", "tma_ok"]
 
 
 def _cfg(bm, bn, bkh, warps, stages):
@@ -202,7 +203,7 @@ _TMA_CONFIGS = [_tma_cfg(128, 256, 128, 8, 4), _tma_cfg(256, 128, 128, 8, 3), _t
 # grouped scales: one K step per group (BK = 64 divides every supported group size)
 _TMA_CONFIGS_64 = [_tma_cfg(128, 256, 64, 8, 4), _tma_cfg(256, 128, 64, 8, 4), _tma_cfg(128, 128, 64, 4, 5),
                    _tma_cfg(64, 128, 64, 4, 6)]
-_TMA_KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "HAS_BIAS", "RUNS"]
+_TMA_KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "HAS_BIAS", "RUNS", "CONV_KW"]
 # How group scales are applied when a run of K steps shares every scale (gcd of the group sizes > BK, e.g. a
 # convolution's per-(pixel, tap) activation scales over Cin channels): 0 = per K step; 1 = int32 accumulation over
 # the run and one rescale at its end. On the H200 at SDXL's 128² 320-channel conv (32768 x 2880 x 320): 0.106 ms
@@ -223,15 +224,42 @@ def _group_scaled(part, k0, rm, rn, as_ptr, ws_ptr, GA, GW, stride_asm, stride_w
     return c
 
 
+@triton.jit
+def _conv_tap(k0, CP, CONV_KW: tl.constexpr, CW, PH, PW, DH, DW):
+    """Implicit-GEMM convolution (stride 1, output grid = input grid): K column ``k0`` lies in tap ``(dy, dx)`` at
+    channel ``c0``; the tap reads input pixel ``p + sy·W + sx`` for output pixel ``p``. Returns (that row shift,
+    c0, sy, sx)."""
+    t = k0 // CP
+    dy = t // CONV_KW
+    sy = dy * DH - PH
+    sx = (t - dy * CONV_KW) * DW - PW
+    return sy * CW + sx, k0 - t * CP, sy, sx
+
+
+@triton.jit
+def _tap_scales(part, rm, sy, sx, as_ptr, M, CH, CW):
+    """An int32 partial product over one tap's channels times its rows' input-pixel scales: zero where the tap
+    falls outside the image (padding, or the next row / image that the shifted row window reached)."""
+    ow = rm % CW
+    oh = (rm // CW) % CH
+    valid = (oh + sy >= 0) & (oh + sy < CH) & (ow + sx >= 0) & (ow + sx < CW)
+    s = tl.load(as_ptr + rm + sy * CW + sx, mask=valid, other=0.0)
+    return part.to(tl.float32) * s[:, None]
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
                      M, N, K, R, M_BUCKET, GA, GW, GRUN, stride_asm, stride_wsn, stride_lm, stride_ur, stride_om,
+                     CH, CW, CP, PH, PW, DH, DW,
                      A_GROUP: tl.constexpr, W_GROUP: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     RUNS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     RUNS: tl.constexpr, CONV_KW: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """int8 × int8 GEMM with both operands loaded by the tensor-memory accelerator (host-side descriptors; out of
     bounds reads are zeros, so no masks and no K tail). Group scales (multiples of BK): per K step (RUNS = 0), or
-    once per run of GRUN K columns that share them, after an int32 accumulation over the run (RUNS = 1)."""
+    once per run of GRUN K columns that share them, after an int32 accumulation over the run (RUNS = 1).
+    CONV_KW > 0: an implicit-GEMM convolution of CONV_KW-wide taps over the NHWC codes ``a (B·CH·CW, CP)`` (one
+    descriptor row per pixel, shifted per tap, see :func:`_conv_tap`), per-pixel scales ``as (B·CH·CW,)`` gathered
+    per tap (runs of GRUN = CP columns)."""
     pid_m, pid_n = _tile(M, N, BM, BN, GROUP_M)
     om = pid_m * BM + tl.arange(0, BM)
     on = pid_n * BN + tl.arange(0, BN)
@@ -244,13 +272,20 @@ def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_pt
     if RUNS:
         part = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
-        a = a_desc.load([pid_m * BM, k0])
+        if CONV_KW:
+            shift, c0, sy, sx = _conv_tap(k0, CP, CONV_KW, CW, PH, PW, DH, DW)
+            a = a_desc.load([pid_m * BM + shift, c0])
+        else:
+            a = a_desc.load([pid_m * BM, k0])
         w = w_desc.load([pid_n * BN, k0])
         if RUNS:
             part += tl.dot(a, w.T)
             if ((k0 + BK) % GRUN == 0) | (k0 + BK >= K):
-                acc += _group_scaled(part, k0, rm, rn, as_ptr, ws_ptr, GA, GW, stride_asm, stride_wsn, A_GROUP,
-                                     W_GROUP)
+                if CONV_KW:
+                    acc += _tap_scales(part, rm, sy, sx, as_ptr, M, CH, CW)
+                else:
+                    acc += _group_scaled(part, k0, rm, rn, as_ptr, ws_ptr, GA, GW, stride_asm, stride_wsn, A_GROUP,
+                                         W_GROUP)
                 part = tl.zeros((BM, BN), dtype=tl.int32)
         elif A_GROUP or W_GROUP:
             acc += _group_scaled(tl.dot(a, w.T), k0, rm, rn, as_ptr, ws_ptr, GA, GW, stride_asm, stride_wsn,
@@ -373,20 +408,70 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
     return out
 
 
-def _launch_tma(a, a_scales, w, w_scales, tail, m, n, k, r, a_group, w_group, meta, grid):
+def conv_gemm_int(codes: torch.Tensor, scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, kh: int,
+                  kw: int, ph: int, pw: int, dh: int, dw: int, lowrank: torch.Tensor | None,
+                  proj_up: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton launcher (TMA GPUs and the interpreter); same signature and results as
+    :func:`dmq.kernels.reference.gemm.conv_gemm_int`: the implicit-GEMM convolution reads each tap's rows straight
+    from the NHWC codes (one descriptor row per pixel, shifted per tap; rows past the tensor read as zeros, taps
+    outside the image get a zero scale), so no im2col of codes or scales is written."""
+    check(codes.dim() == 4 and codes.dtype == torch.int8 and codes.is_contiguous(),
+          lambda: f"codes must be contiguous int8 (B, H, W, Cp), got {codes.dtype} {tuple(codes.shape)}")
+    b, h, wd, cp = codes.shape
+    check(cp % 64 == 0, lambda: f"the padded channel count must be a multiple of 64, got {cp}")
+    check(scales.shape == (b, h, wd) and scales.dtype == torch.float32,
+          lambda: f"scales must be fp32 ({b}, {h}, {wd}), got {scales.dtype} {tuple(scales.shape)}")
+    check(_ref_conv_same_size(kh, kw, ph, pw, dh, dw),
+          lambda: f"conv_gemm_int serves stride-1 convolutions that keep the input size; kernel {kh}x{kw}, "
+                  f"padding ({ph}, {pw}), dilation ({dh}, {dw}) does not")
+    k = kh * kw * cp
+    check(w.dim() == 2 and w.dtype == torch.int8 and w.shape[1] >= k and w.stride(1) == 1,
+          lambda: f"w must be K-contiguous int8 (N, ≥{k}), got {w.dtype} {tuple(w.shape)}")
+    n = w.shape[0]
+    check(w_scales.shape == (n,), lambda: f"w_scales must be ({n},), got {tuple(w_scales.shape)}")
+    a = codes.reshape(b * h * wd, cp)
+    check(tma_ok(a, w), "conv_gemm_int needs a GPU with TMA (compute capability 9.0) and 16-byte aligned operands")
+    m = a.shape[0]
+    r = 0 if lowrank is None or lowrank.shape[1] == 0 else lowrank.shape[1]
+    if r:
+        check(proj_up is not None and proj_up.shape == (r, n) and lowrank.shape == (m, r) and r <= 256,
+              lambda: f"lowrank must be ({m}, R ≤ 256) and proj_up (R, {n})")
+        lowrank = lowrank if lowrank.stride(1) == 1 else lowrank.contiguous()
+        proj_up = proj_up if proj_up.stride(1) == 1 else proj_up.contiguous()
+    check(bias is None or bias.shape == (n,), lambda: f"bias must be ({n},)")
+    check(out_dtype in FLOAT16, lambda: f"out_dtype must be float16 or bfloat16, got {out_dtype}")
+    out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
+    if m == 0 or n == 0:
+        return out
+    meta = dict(A_GROUP=True, W_GROUP=False, HAS_LR=r > 0, HAS_BIAS=bias is not None, BR=max(16, next_pow2(r)))
+    tail = (lowrank if r else out, proj_up if r else out, bias if bias is not None else out, out)
+
+    def grid(c):
+        return (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]),)
+
+    _launch_tma(a, scales.reshape(m), w, w_scales.contiguous(), tail, m, n, k, r, cp, 0, meta, grid,
+                conv=(h, wd, cp, kh, kw, ph, pw, dh, dw))
+    return out
+
+
+def _launch_tma(a, a_scales, w, w_scales, tail, m, n, k, r, a_group, w_group, meta, grid, conv=None):
+    """``conv``: ``(H, W, Cp, kh, kw, ph, pw, dh, dw)`` of an implicit-GEMM convolution over NHWC codes
+    ``a (B·H·W, Cp)`` with per-pixel scales (then ``k = kh·kw·Cp`` and ``a_group = Cp``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     lowrank, proj_up, bias, out = tail
     # the weight may hold more K columns than the activations: its descriptor stops at K (zeros beyond)
-    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [64, 64])
+    a_desc = TensorDescriptor(a, [a.shape[0], a.shape[1]], [a.stride(0), 1], [64, 64])
     w_desc = TensorDescriptor(w, [n, k], [w.stride(0), 1], [64, 64])
     groups = [g for g in (a_group, w_group) if g]
     run = math.gcd(*groups) if groups else 0     # K columns that share every scale (BK = 64 divides it)
+    ch, cw, cp, kw_taps, ph, pw, dh, dw = (conv[0], conv[1], conv[2], conv[4], *conv[5:]) if conv else (0,) * 8
     args = (a_desc, a_scales, w_desc, w_scales, lowrank, proj_up, bias, out, m, n, k, r, m_bucket(m), a_group,
             w_group, run, a_scales.stride(0), w_scales.stride(0), lowrank.stride(0) if r else 0,
-            proj_up.stride(0) if r else 0, out.stride(0))
+            proj_up.stride(0) if r else 0, out.stride(0), ch, cw, cp, ph, pw, dh, dw)
     meta = {key: meta[key] for key in ("A_GROUP", "W_GROUP", "HAS_LR", "HAS_BIAS", "BR")}
-    meta["RUNS"] = bool(GROUP_RUNS) and run > 64
+    meta["RUNS"] = conv is not None or (bool(GROUP_RUNS) and run > 64)
+    meta["CONV_KW"] = kw_taps
     if fixed_config():
         a_desc.block_shape = [64, 64]
         w_desc.block_shape = [64, 64]
