@@ -17,8 +17,9 @@ Supported (dynamic, symmetric activations; symmetric weights):
 - nvfp4 × nvfp4: exact bf16 dequantization + cuBLAS (see :mod:`dmq.kernels.triton.nvfp4`).
 - convolutions: the same int GEMM on an NHWC im2col of the *quantized* input (per-pixel scales become per-tap
   group scales), when the padded channel count is a multiple of 64, with smoothing and the low-rank branch (SVDQuant,
-  LoRAs: the down-projection as a 16-bit conv, the up-projection in the epilogue); weight-only convs dequantize +
-  cuDNN (with a branch: the reference).
+  LoRAs: the down-projection as a 16-bit conv, the up-projection in the epilogue), or without the im2col through
+  the implicit-GEMM kernel (:data:`IMPLICIT_CONV`); weight-only convs dequantize + cuDNN (with a branch: the
+  reference).
 
 The kernel layout of a layer's weight (blocked int4, see :mod:`dmq.kernels.layouts`) is built on the first call
 (or by :func:`prepare`) and cached on the layer as a plain attribute (not in the state dict).
@@ -269,8 +270,9 @@ def linear_forward(layer, x: torch.Tensor, smooth=None, proj_down=None, proj_up=
 def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Kernel forward of a QuantConv2d (an SVDQuant one too): quantize the smoothed input pixels (NHWC rows), im2col
     the int8 codes and their scales on the GPU, run the int GEMM with per-(pixel, tap) activation scales as K-groups
-    of one tap. The low-rank branch's kh×kw down-projection runs as a 16-bit convolution of x with ``proj_down /
-    smooth`` (:func:`_folded_down`), its up-projection in the GEMM's epilogue."""
+    of one tap (or, with :data:`IMPLICIT_CONV`, the implicit-GEMM kernel on the codes themselves). The low-rank
+    branch's kh×kw down-projection runs as a 16-bit convolution of x with ``proj_down / smooth``
+    (:func:`_folded_down`), its up-projection in the GEMM's epilogue."""
     prep = prepare(layer)
     kh, kw = layer.kernel_size
     cin, cout = layer.in_channels, layer.out_channels
