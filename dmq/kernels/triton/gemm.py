@@ -237,7 +237,7 @@ def _conv_tap(k0, CP, CONV_KW: tl.constexpr, CW, PH, PW, DH, DW):
 
 
 @triton.jit
-def _tap_scales(part, rm, sy, sx, as_ptr, M, CH, CW):
+def _tap_scales(part, rm, sy, sx, as_ptr, CH, CW):
     """An int32 partial product over one tap's channels times its rows' input-pixel scales: zero where the tap
     falls outside the image (padding, or the next row / image that the shifted row window reached)."""
     ow = rm % CW
@@ -282,7 +282,7 @@ def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_pt
             part += tl.dot(a, w.T)
             if ((k0 + BK) % GRUN == 0) | (k0 + BK >= K):
                 if CONV_KW:
-                    acc += _tap_scales(part, rm, sy, sx, as_ptr, M, CH, CW)
+                    acc += _tap_scales(part, rm, sy, sx, as_ptr, CH, CW)
                 else:
                     acc += _group_scaled(part, k0, rm, rn, as_ptr, ws_ptr, GA, GW, stride_asm, stride_wsn, A_GROUP,
                                          W_GROUP)
@@ -367,18 +367,7 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
               lambda: f"w_scales must be ({n}, ≥{-(-k // w_group)}), got {tuple(w_scales.shape)}")
     else:
         check(w_scales.shape == (n,), lambda: f"w_scales must be ({n},), got {tuple(w_scales.shape)}")
-    r = 0
-    if lowrank is not None and lowrank.shape[1] > 0:
-        r = lowrank.shape[1]
-        check(proj_up is not None and proj_up.shape == (r, n), lambda: f"proj_up must be ({r}, {n})")
-        check(lowrank.dtype == proj_up.dtype and lowrank.dtype in FLOAT16, "lowrank and proj_up must share a "
-                                                                           "16-bit dtype")
-        check(lowrank.shape[0] == m and r <= 256,
-              lambda: f"lowrank must be ({m}, R ≤ 256), got {tuple(lowrank.shape)}")
-        lowrank = lowrank if lowrank.stride(1) == 1 else lowrank.contiguous()
-        proj_up = proj_up if proj_up.stride(1) == 1 else proj_up.contiguous()
-    if bias is not None:
-        check(bias.shape == (n,), lambda: f"bias must be ({n},), got {tuple(bias.shape)}")
+    r, lowrank, proj_up = _epilogue_args(lowrank, proj_up, bias, m, n)
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
@@ -408,6 +397,25 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
     return out
 
 
+def _epilogue_args(lowrank: torch.Tensor | None, proj_up: torch.Tensor | None, bias: torch.Tensor | None, m: int,
+                   n: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """Checked epilogue operands of an ``(m, n)`` output: ``(R, lowrank, proj_up)``, R = 0 without a branch, the
+    branch K-contiguous."""
+    r = 0
+    if lowrank is not None and lowrank.shape[1] > 0:
+        r = lowrank.shape[1]
+        check(proj_up is not None and proj_up.shape == (r, n), lambda: f"proj_up must be ({r}, {n})")
+        check(lowrank.dtype == proj_up.dtype and lowrank.dtype in FLOAT16, "lowrank and proj_up must share a "
+                                                                           "16-bit dtype")
+        check(lowrank.shape[0] == m and r <= 256,
+              lambda: f"lowrank must be ({m}, R ≤ 256), got {tuple(lowrank.shape)}")
+        lowrank = lowrank if lowrank.stride(1) == 1 else lowrank.contiguous()
+        proj_up = proj_up if proj_up.stride(1) == 1 else proj_up.contiguous()
+    if bias is not None:
+        check(bias.shape == (n,), lambda: f"bias must be ({n},), got {tuple(bias.shape)}")
+    return r, lowrank, proj_up
+
+
 def conv_gemm_int(codes: torch.Tensor, scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, kh: int,
                   kw: int, ph: int, pw: int, dh: int, dw: int, lowrank: torch.Tensor | None,
                   proj_up: torch.Tensor | None, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -432,13 +440,7 @@ def conv_gemm_int(codes: torch.Tensor, scales: torch.Tensor, w: torch.Tensor, w_
     a = codes.reshape(b * h * wd, cp)
     check(tma_ok(a, w), "conv_gemm_int needs a GPU with TMA (compute capability 9.0) and 16-byte aligned operands")
     m = a.shape[0]
-    r = 0 if lowrank is None or lowrank.shape[1] == 0 else lowrank.shape[1]
-    if r:
-        check(proj_up is not None and proj_up.shape == (r, n) and lowrank.shape == (m, r) and r <= 256,
-              lambda: f"lowrank must be ({m}, R ≤ 256) and proj_up (R, {n})")
-        lowrank = lowrank if lowrank.stride(1) == 1 else lowrank.contiguous()
-        proj_up = proj_up if proj_up.stride(1) == 1 else proj_up.contiguous()
-    check(bias is None or bias.shape == (n,), lambda: f"bias must be ({n},)")
+    r, lowrank, proj_up = _epilogue_args(lowrank, proj_up, bias, m, n)
     check(out_dtype in FLOAT16, lambda: f"out_dtype must be float16 or bfloat16, got {out_dtype}")
     out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
     if m == 0 or n == 0:
