@@ -488,6 +488,30 @@ def test_fused_linear_compiles_without_graph_breaks():
     assert torch.equal(compiled(x), f(x))
 
 
+def test_implicit_conv_compiles_as_one_graph(monkeypatch):
+    """The implicit-GEMM conv path traces without graph breaks, its GEMM one ``dmq::conv_gemm_int`` node (on the CPU
+    the op runs its reference), and the smoothing becomes a graph division; the result matches the layer's eager
+    kernel path."""
+    from dmq.nn.svdquant import SVDQuantConv2d
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(klinear, "IMPLICIT_CONV", True)
+    layer = SVDQuantConv2d.from_module(torch.nn.Conv2d(64, 24, 3, padding=1).half(), _TWO_LEVEL, _TWO_LEVEL, rank=8,
+                                       smooth=torch.rand(64) + 0.5)
+    x = torch.randn(1, 64, 5, 6).half()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    y = torch.compile(lambda t: klinear.conv_forward(layer, t), fullgraph=True, backend=backend)(x)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert len(graphs) == 1 and "dmq.conv_gemm_int.default" in targets and "dmq.im2col.default" not in targets
+    _close(y, klinear.conv_forward(layer, x), tol=2e-2)
+
+
 # -- layers through the kernel path --------------------------------------------------------------------------------------
 def _use_triton(monkeypatch) -> None:
     """Make the layer kernel path call the Triton launchers (the CPU custom ops run the references): the
