@@ -158,7 +158,8 @@ def gemm_variants(m, k, n, dev):
         return ops.dequantize_weight(wt, ws, "int4b", wg, kk, torch.int8)
 
     v["dmq-w4a8-g128-inloop"] = (lambda xx: ops.quantized_linear(xx, None, None, None, w48[0], w48[1], "int4b", 128,
-                                                                 b, "int8", 0), True, 0.5 + 2 / 128, "int4b_swap")
+                                                                 b, "int8", 0), True, 0.5 + 2 / 128,
+                                 "int4b_swap_group")
     v["dmq-w4a8-g128-unpack"] = (lambda xx: ops.quantized_linear(xx, None, None, None, unpack(w48[0], w48[1], 128),
                                                                  w48[1], "int8", 128, b, "int8", 0), True,
                                  0.5 + 2 / 128, "tma_64")
@@ -185,7 +186,7 @@ def gemm_variants(m, k, n, dev):
         v[f"dmq-w4a4-{tag}-r32-inloop"] = (
             (lambda wq, wsc, wg, ag: lambda xx: ops.quantized_linear(xx, smooth, pd, pu, wq, wsc, "int4b", wg, b,
                                                                      "int4", ag))(wq, wsc, wg, ag),
-            True, bpp + branch(32), "int4b_swap")
+            True, bpp + branch(32), "int4b_swap_group" if ag else "int4b_swap")
 
         def unfused(xx, wq=wq, wsc=wsc, wg=wg, ag=ag, kp_a=kp_a):  # noqa: E306
             y = ops.quantized_linear(xx, smooth, None, None, unpack(wq, wsc, wg, kp_a), wsc, "int8", wg, b, "int4", ag)

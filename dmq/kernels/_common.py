@@ -20,14 +20,36 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpreting", "fixed_config", "next_pow2", "m_bucket", "check", "fold_down", "FLOAT16",
-           "tl_dtype", "bench_fn"]
+           "tl_dtype", "bench_fn", "capability", "FP8_CAPABILITY"]
 
 FLOAT16 = (torch.float16, torch.bfloat16)
+
+# The compute capability of a compile-only session (:func:`dmq.kernels.aot.compile_only`), None outside one.
+COMPILE_ONLY_TARGET: tuple[int, int] | None = None
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+# fp8 tensor cores (Ada, Hopper): torch._scaled_mm and the 8-bit attention's fp8 PV product need them; on older GPUs
+# fp8 layers run their reference and attention PyTorch's SDPA (found by compiling for sm_80 on a CPU,
+# benchmarks/aot_report.py --arch 8.0)
+FP8_CAPABILITY = (8, 9)
 
 
 def interpreting() -> bool:
     """True under Triton's CPU interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def capability(t: torch.Tensor) -> tuple[int, int] | None:
+    """The compute capability the kernels run on for tensor ``t``: its GPU's, or, inside
+    :func:`dmq.kernels.aot.compile_only`, the target compiled for (tensors on the CPU there); None otherwise."""
+    if COMPILE_ONLY_TARGET is not None:
+        return COMPILE_ONLY_TARGET
+    if not t.is_cuda:
+        return None
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(idx)
+    if cap is None:   # cached: the launchers run ~1,300 times per FLUX step
+        cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return cap
 
 
 def fixed_config() -> bool:
@@ -66,7 +88,12 @@ def check(cond: bool, msg: str | Callable[[], str]) -> None:
 
 
 def bench_fn(fn, quantiles):
-    """Short timing for the autotuner (the default 25 ms warm-up / 100 ms per config adds minutes over many keys)."""
+    """Short timing for the autotuner (the default 25 ms warm-up / 100 ms per config adds minutes over many keys).
+    Inside :func:`dmq.kernels.aot.compile_only`, calls ``fn`` once (which records the config's launch) and returns
+    zeros."""
+    if COMPILE_ONLY_TARGET is not None:
+        fn()
+        return [0.0] * len(quantiles) if quantiles else 0.0
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 

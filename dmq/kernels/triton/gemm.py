@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.kernels._common import FLOAT16, bench_fn, check, fixed_config, interpreting, m_bucket, next_pow2
+from dmq.kernels._common import FLOAT16, bench_fn, capability, check, fixed_config, interpreting, m_bucket, next_pow2
 from dmq.kernels.layouts import blocked_kb
 from dmq.kernels.reference.gemm import conv_same_size as _ref_conv_same_size
 
@@ -34,6 +34,11 @@ _INT4_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(256, 1
 # swapped operands (the weight tile is the MMA's M side): BN plays the role of the MMA's M
 _INT4_SWAP_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(256, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3),
                       _cfg(128, 64, 64, 4, 4)]
+# with group scales in the K loop the swapped kernel holds three (BN, BM) accumulators: the tiles above spill
+# registers on sm_90 (`python benchmarks/aot_report.py`, compiled for Hopper on a CPU; 400-1,600 bytes of stack per
+# thread), these do not
+_INT4_SWAP_GROUP_CONFIGS = [_cfg(256, 64, 64, 8, 3), _cfg(256, 64, 64, 8, 4), _cfg(128, 64, 64, 4, 4),
+                            _cfg(128, 64, 64, 4, 5), _cfg(64, 64, 64, 4, 4)]
 # Default operand order for blocked-int4 weights. The swapped order (weight tile as the MMA's first operand) was
 # faster at every shape measured on the H100 (benchmarks/results/kernels-h100.json: w4a8 g128 0.58x vs 0.47x bf16,
 # w4a4 g64 0.38x vs 0.28x, w4a4 per-channel 0.69x vs 0.63x at 4096x3072x9216).
@@ -200,8 +205,11 @@ def _tma_cfg(bm, bn, bk, warps, stages):
 # on 132 SMs).
 _TMA_CONFIGS = [_tma_cfg(128, 256, 128, 8, 4), _tma_cfg(256, 128, 128, 8, 3), _tma_cfg(128, 256, 128, 8, 3),
                 _tma_cfg(128, 128, 64, 4, 5), _tma_cfg(128, 128, 128, 4, 4), _tma_cfg(64, 128, 128, 4, 4)]
-# grouped scales: one K step per group (BK = 64 divides every supported group size)
-_TMA_CONFIGS_64 = [_tma_cfg(128, 256, 64, 8, 4), _tma_cfg(256, 128, 64, 8, 4), _tma_cfg(128, 128, 64, 4, 5),
+# grouped scales: one K step per group (BK = 64 divides every supported group size). Tiles of 128 x 256 and
+# 256 x 128 with 8 warps, and 128 x 128 with 4, spill registers on sm_90 here (`python benchmarks/aot_report.py`):
+# a fp32 accumulator beside the int32 run sum (RUNS, convolutions) or the per-step products needs 2 x BM x BN
+# registers per program; these tiles fit.
+_TMA_CONFIGS_64 = [_tma_cfg(128, 128, 64, 8, 4), _tma_cfg(64, 256, 64, 8, 4), _tma_cfg(128, 64, 64, 4, 6),
                    _tma_cfg(64, 128, 64, 4, 6)]
 _TMA_KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "HAS_BIAS", "RUNS", "CONV_KW"]
 # How group scales are applied when a run of K steps shares every scale (gcd of the group sizes > BK, e.g. a
@@ -299,7 +307,7 @@ def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_pt
 def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the TMA kernel can serve these int8 operands: a Hopper (or newer) GPU, or the interpreter, and
     16-byte aligned rows and bases."""
-    if not interpreting() and not (a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)):
+    if not interpreting() and (capability(a) or (0, 0)) < (9, 0):
         return False
     return all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, w))
 
@@ -320,6 +328,7 @@ _TUNED = {
     "int8_64": triton.autotune(_INT8_CONFIGS_64, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "int4b": triton.autotune(_INT4_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "int4b_swap": triton.autotune(_INT4_SWAP_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
+    "int4b_swap_group": triton.autotune(_INT4_SWAP_GROUP_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "tma": triton.autotune(_TMA_CONFIGS, key=_TMA_KEY, do_bench=bench_fn)(_gemm_tma_kernel),
     "tma_64": triton.autotune(_TMA_CONFIGS_64, key=_TMA_KEY, do_bench=bench_fn)(_gemm_tma_kernel),
 }
@@ -389,7 +398,8 @@ def gemm_int(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales:
     elif fixed_config():
         _gemm_h[grid(dict(BM=32, BN=32))](*args, **meta, BM=32, BN=32, BKH=64, GROUP_M=4)
     elif w_format == "int4b":
-        _TUNED["int4b_swap" if swap else "int4b"][grid](*args, **meta)
+        name = ("int4b_swap_group" if meta["GROUPED"] else "int4b_swap") if swap else "int4b"
+        _TUNED[name][grid](*args, **meta)
     elif (a_group % 128 == 0) and (w_group % 128 == 0):
         _TUNED["int8"][grid](*args, **meta)
     else:

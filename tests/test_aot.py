@@ -1,0 +1,100 @@
+"""Compile-only checks for Hopper on the CPU (:mod:`dmq.kernels.aot`, ``benchmarks/aot_report.py``): every config
+the kernels autotune over compiles for sm_90, fits its shared memory and does not spill registers, and the int8
+GEMMs (linear and implicit-GEMM convolution) run on warpgroup MMAs fed by TMA. The compiler cannot run under
+Triton's interpreter (set for the other tests), so the checks run in subprocesses without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+
+
+def _python(code: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def hopper_rows(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("aot")
+    proc = subprocess.run([sys.executable, "benchmarks/aot_report.py", "--cases", "flux_qkv,conv", "--results-dir",
+                           str(out), "--name", "aot"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "aot.json").read_text())["rows"]
+
+
+def test_sass_mix_counts_opcodes_and_access_widths():
+    from dmq.kernels.aot import sass_mix
+
+    listing = """
+        /*0100*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*0110*/                   IGMMA.64x256x32.S8.S8 R24, gdesc[UR8], R24, gsb0 ;
+        /*0120*/              @!P0 LDG.E.128.CONSTANT R4, desc[UR6][R2.64] ;
+        /*0130*/                   LDG.E.U8 R5, desc[UR6][R2.64] ;
+        /*0140*/                   LDG.E R6, desc[UR6][R2.64] ;
+        /*0150*/               @P1 STG.E.64 desc[UR6][R8.64], R10 ;
+        /*0160*/                   STL.64 [R1+0x8], R12 ;
+        /*0170*/                   FMUL R3, R3, R4 ;
+    """
+    assert sass_mix(listing) == {"total": 8, "UTMALDG": 1, "IGMMA": 1, "LDG.128": 1, "LDG.8": 1, "LDG.32": 1,
+                                 "STG.64": 1, "STL": 1}
+
+
+def test_compile_only_refuses_the_interpreter():
+    from dmq.kernels.aot import compile_only
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with compile_only():
+            pass
+
+
+def test_every_config_compiles_fits_and_keeps_its_registers(hopper_rows):
+    kernels = {r["case"] for r in hopper_rows}
+    assert {"quant_act._token_kernel", "gemm._gemm_tma_kernel", "gemm._gemm_kernel", "weight_only._dequant_kernel",
+            "im2col._im2col_kernel"} <= kernels
+    bad = [(r["case"], r["variant"], r["error"], r["shared_bytes"], r["stack_bytes"]) for r in hopper_rows
+           if r["error"] or not r["fits"] or r["stack_bytes"]]
+    assert not bad
+
+
+def test_int8_gemms_run_on_warpgroup_mma_fed_by_tma(hopper_rows):
+    tma = [r for r in hopper_rows if r["case"] == "gemm._gemm_tma_kernel"]
+    conv = [r for r in tma if "CONV_KW=3" in r["variant"]]
+    assert conv and len(tma) > len(conv)
+    for r in tma:
+        assert r.get("sass_IGMMA", 0) > 0 and r.get("sass_UTMALDG", 0) > 0, r["variant"]
+        assert r.get("sass_HGMMA", 0) > 0, r["variant"]     # the rank-32 up-projection in the epilogue
+
+
+def test_compile_only_leaves_triton_as_it_was():
+    proc = _python("""
+        import torch
+        from triton import knobs
+        from triton.runtime import driver
+        from dmq.kernels import _common
+        from dmq.kernels.aot import compile_only
+        from dmq.kernels.triton import quant_act
+
+        x = torch.zeros(64, 256, dtype=torch.bfloat16)
+        with compile_only((9, 0)) as session:
+            quant_act.quantize_act(x, None, None, "int8", 0, False)
+            assert len(session.launches) > 1, session.launches      # every config of the autotuned kernel
+            assert session.build(session.launches[0]).error is None
+        assert _common.COMPILE_ONLY_TARGET is None and knobs.runtime.jit_cache_hook is None
+        assert driver._active is None
+        assert not quant_act._token_tuned.cache
+        assert not quant_act._token_kernel.device_caches
+        print("ok")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
