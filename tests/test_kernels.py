@@ -728,6 +728,19 @@ def test_implicit_conv_path_equals_the_im2col_path(weights, acts, stride, monkey
     _close(y, layer.reference_forward(x), tol=2e-2)
 
 
+def test_fp8_layers_need_fp8_tensor_cores(monkeypatch):
+    """torch._scaled_mm needs compute capability ≥ 8.9: on an A100 an fp8 layer runs its reference; int layers keep
+    their kernels (the GPU is faked: the predicate reads capability through dmq.kernels._common)."""
+    fp8 = QuantLinear.from_module(torch.nn.Linear(64, 32).half(), QuantSpec("fp8_e4m3", "channel"),
+                                  QuantSpec("fp8_e4m3", "token"))
+    w8a8 = QuantLinear.from_module(torch.nn.Linear(64, 32).half(), *LAYER_SPECS["w8a8"])
+    monkeypatch.setattr(klinear, "_gpu_ok", lambda x: True)
+    for cap, fp8_kernel in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(klinear, "capability", lambda x, cap=cap: cap)
+        assert klinear.supported(fp8, _x(3, 64)) is fp8_kernel
+        assert klinear.supported(w8a8, _x(3, 64))
+
+
 def test_dispatch_registration_and_cpu_fallback():
     layer = QuantLinear.from_module(torch.nn.Linear(64, 16).half(), *LAYER_SPECS["w4a4"])
     x = _x(3, 64)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from dmq.formats import padded_channels
 from dmq.kernels import ops
-from dmq.kernels._common import HAS_TRITON, fold_down, interpreting
+from dmq.kernels._common import FP8_CAPABILITY, HAS_TRITON, capability, fold_down, interpreting
 from dmq.kernels.dispatch import register_kernel
 from dmq.kernels.layouts import int4_to_blocked
 from dmq.kernels.reference.gemm import conv_same_size
@@ -67,22 +67,13 @@ SMOOTH_IN_GRAPH = True
 # until measured on a GPU (benchmarks/conv_gemm.py's ``-implicit`` rows); checked bit-exact against the im2col path.
 IMPLICIT_CONV = False
 
-_CAPABILITY: dict[int, tuple[int, int]] = {}
 _CACHE_ATTR = "_dmq_kernel_weights"
-
-
-def _capability(x: torch.Tensor) -> tuple[int, int]:
-    """Compute capability of CUDA tensor x's device (cached: the launchers run ~1,300 times per FLUX step)."""
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPABILITY[idx]
 
 
 def _gpu_ok(x: torch.Tensor) -> bool:
     if not (HAS_TRITON and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
         return False
-    return _capability(x) >= (8, 0)
+    return capability(x) >= (8, 0)
 
 
 def _group(spec) -> int:
@@ -129,7 +120,7 @@ def supported(layer, x: torch.Tensor) -> bool:
     if not _gpu_ok(x):
         return False
     path = _path(layer)
-    if path is None:
+    if path is None or (path == "fp8" and capability(x) < FP8_CAPABILITY):
         return False
     if isinstance(layer, QuantConv2d):
         if path == "weight_only":
@@ -318,7 +309,7 @@ def _implicit(layer, pix: torch.Tensor, w_format: str, act_group: int, w_group: 
     if not (IMPLICIT_CONV and w_format == "int8" and not act_group and not w_group and layer.stride == (1, 1)
             and conv_same_size(*layer.kernel_size, *layer.padding, *layer.dilation)):
         return False
-    return _capability(pix) >= (9, 0) if pix.is_cuda else interpreting()
+    return capability(pix) >= (9, 0) if pix.is_cuda else interpreting()
 
 
 # -- SVDQuant ----------------------------------------------------------------------------------------------------------

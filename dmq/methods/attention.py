@@ -17,8 +17,9 @@ quantized, which the hook's counters show.
 
 Which calls are quantized: cross-attention modules (``is_cross_attention``: U-Net and PixArt text keys) get no
 hook and stay 16-bit; a hooked call with a mask, dropout, ``is_causal``, grouped heads or different q/v head dims
-falls back to PyTorch's SDPA (counted in ``Int8AttentionHook.fallback``). On CUDA the kernel needs fp16/bf16 and
-a head dim ≤ 256 (fp32 falls back); elsewhere the op runs its PyTorch reference (slow, for fidelity studies).
+falls back to PyTorch's SDPA (counted in ``Int8AttentionHook.fallback``). On CUDA the kernel needs fp16/bf16, a head dim
+≤ 256 and fp8 tensor cores (compute capability ≥ 8.9: an A100 falls back, with a warning); elsewhere the op runs
+its PyTorch reference (slow, for fidelity studies).
 """
 
 from __future__ import annotations
@@ -57,9 +58,27 @@ def _supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any
         return False
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[3] > _MAX_HEAD_DIM:
         return False
-    if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
+    if q.device.type == "cuda" and (q.dtype not in (torch.float16, torch.bfloat16) or not _fp8_gpu(q)):
         return False
     return q.dtype == k.dtype == v.dtype and q.is_floating_point()
+
+
+_WARNED: set[int] = set()
+
+
+def _fp8_gpu(q: torch.Tensor) -> bool:
+    """Whether q's GPU has the fp8 tensor cores that the kernel's PV product needs (compute capability ≥ 8.9);
+    warns once per device when it has not."""
+    from dmq.kernels._common import FP8_CAPABILITY, capability
+
+    cap = capability(q)
+    if cap >= FP8_CAPABILITY:
+        return True
+    if q.device.index not in _WARNED:
+        _WARNED.add(q.device.index)
+        logger.warning("8-bit attention needs fp8 tensor cores (compute capability >= 8.9); %s has %d.%d, so its "
+                       "attention runs PyTorch's 16-bit SDPA (counted in Int8AttentionHook.fallback)", q.device, *cap)
+    return False
 
 
 class _QuantizedSDPA(TorchFunctionMode):
