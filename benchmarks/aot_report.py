@@ -75,12 +75,15 @@ def linear_launches(m: int, k: int, n: int) -> list[tuple[str, Callable[[], obje
 
 
 def conv_launches(cap: tuple[int, int]) -> list[tuple[str, Callable[[], object]]]:
-    """SDXL's 3×3 convolutions at 1024² with CFG (batch 2): im2col of NHWC int8 codes, and the implicit GEMM
-    where the target has TMA (compute capability ≥ 9.0)."""
-    from dmq.kernels.triton import gemm, im2col
+    """SDXL's 3×3 convolutions at 1024² with CFG (batch 2): quantization of the NCHW input in place, im2col of
+    NHWC int8 codes, and the implicit GEMM where the target has TMA (compute capability ≥ 9.0)."""
+    from dmq.kernels.triton import gemm, im2col, quant_act
 
     out = []
     for hw, cin, cout in ((128, 320, 320), (64, 640, 640), (32, 1280, 1280)):
+        img, smooth = _e(2, cin, hw, hw), torch.ones(cin, dtype=BF16)
+        out += [(f"conv-quant-{qd}-{hw}x{cin}", lambda img=img, sm=smooth, qd=qd, g=g:
+                 quant_act.quantize_act(img, sm, None, qd, g, False)) for qd, g in (("int8", 0), ("int4_2l", 64))]
         codes, scales = _e(2, hw, hw, cin, dtype=torch.int8), torch.ones(2, hw, hw)
         w, ws = _e(cout, 9 * cin, dtype=torch.int8), torch.ones(cout)
         lr, up = _e(2 * hw * hw, RANK), _e(RANK, cout)

@@ -4,8 +4,9 @@ step, or once per run of Cin columns), against the same GEMM with per-row scales
 scales in the K loop), a bf16 cuBLAS GEMM of the same shape and the bf16 cuDNN convolution; the im2col of the int8
 codes by dmq's Triton kernel and by PyTorch's strided copy (the reference); then whole ``QuantConv2d`` layers
 (w8a8 and two-level W4A4 with a rank-32 branch: quantization, im2col, GEMM; or, ``-implicit``, the implicit-GEMM
-kernel ``conv_gemm_int`` without im2col) against cuDNN (NCHW and channels-last inputs), and each layer's GPU time per
-kernel (profiler).
+kernel ``conv_gemm_int`` without im2col) against cuDNN (NCHW and channels-last inputs), each layer's GPU time per
+kernel (profiler), and the per-pixel activation quantizer reading the NCHW input in place against a copy to NHWC
+rows first (``quant-*`` rows).
 
     python benchmarks/conv_gemm.py            # → benchmarks/results/conv-gemm-<device>.json
 
@@ -110,6 +111,30 @@ def layer_rows(name: str, cin: int, cout: int, hw: int, dev, x, t_conv: float) -
     return rows
 
 
+def quant_rows(name: str, cin: int, hw: int, x: torch.Tensor, t_conv: float) -> list[dict]:
+    """The per-pixel quantizer on the NCHW input read in place (``planar``, what the layers do) against PyTorch's
+    NCHW → NHWC copy followed by the row quantizer (``rows-after-copy``, the layers before) and the row quantizer
+    alone on an input already channels-last (``rows-channels-last``), for int8 and two-level int4 (with smoothing)."""
+    from dmq.kernels.triton import quant_act as tq
+
+    smooth = torch.rand(cin, device=x.device, dtype=x.dtype) + 0.5
+    nhwc = x.permute(0, 2, 3, 1).reshape(-1, cin).contiguous()
+    rows = []
+    for qd, g in (("int8", 0), ("int4_2l", 64)):
+        ref = tq.quantize_act(nhwc, smooth, None, qd, g, False)
+        variants = {"planar": lambda qd=qd, g=g: tq.quantize_act(x, smooth, None, qd, g, False),
+                    "rows-after-copy": lambda qd=qd, g=g: tq.quantize_act(
+                        x.permute(0, 2, 3, 1).reshape(-1, cin).contiguous(), smooth, None, qd, g, False),
+                    "rows-channels-last": lambda qd=qd, g=g: tq.quantize_act(nhwc, smooth, None, qd, g, False)}
+        same = all(torch.equal(t, r) for t, r in zip(variants["planar"]()[:2], ref[:2]))
+        for label, fn in variants.items():
+            ms, timer = bench(fn)
+            rows.append({"case": name, "variant": f"quant-{qd}-{label}", "M": 2 * hw * hw, "K": cin,
+                         "ms": round(ms, 5), "ratio_vs_cudnn": round(t_conv / ms, 3), "timer": timer,
+                         "planar_codes_equal_rows": same})
+    return rows
+
+
 def stage_rows(name: str, cin: int, cout: int, hw: int, layers: dict, x: torch.Tensor,
                iters: int = 20) -> list[dict]:
     """Where each layer's time goes: GPU time per kernel (profiler, averaged over ``iters`` calls)."""
@@ -151,6 +176,7 @@ def main() -> None:
         rows.append({"case": name, "variant": "bf16-cudnn-conv-channels-last", "M": 2 * hw * hw, "K": 9 * cin,
                      "N": cout, "ms": round(t_cl, 5), "ratio_vs_cudnn": round(t_conv / t_cl, 3), "timer": timer})
         rows += gemm_rows(name, cin, cout, hw, dev, t_conv)
+        rows += quant_rows(name, cin, hw, x, t_conv)
         rows += layer_rows(name, cin, cout, hw, dev, x, t_conv)
         for r in rows:
             if r["case"] == name:

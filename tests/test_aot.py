@@ -77,6 +77,15 @@ def test_int8_gemms_run_on_warpgroup_mma_fed_by_tma(hopper_rows):
         assert r.get("sass_HGMMA", 0) > 0, r["variant"]     # the rank-32 up-projection in the epilogue
 
 
+def test_planar_quantizer_loads_sixteen_bytes_at_a_time(hopper_rows):
+    """The per-pixel quantizer reading NCHW images in place loads runs of pixels with 128-bit loads (with a row
+    mask, or without the contiguity hints, every load was 16-bit)."""
+    planar = [r for r in hopper_rows if r["case"] == "quant_act._token_kernel" and "PLANAR=True" in r["variant"]]
+    assert len(planar) >= 4
+    for r in planar:
+        assert r.get("sass_LDG.128", 0) >= 4, r["variant"]
+
+
 def test_compile_only_leaves_triton_as_it_was():
     proc = _python("""
         import torch

@@ -125,10 +125,49 @@ def test_every_per_token_config_is_exact(qdtype, group):
     for c in configs:
         codes, scales = torch.empty_like(ref[0]), torch.empty_like(ref[1])
         tq._token_kernel[(triton.cdiv(m, c.kwargs["BM"]),)](
-            x, x, codes, scales, m, k, kp, 16, x.stride(0), codes.stride(0), HAS_SMOOTH=False,
+            x, x, codes, scales, m, k, kp, 16, x.stride(0), 1, codes.stride(0), HAS_SMOOTH=False, PLANAR=False,
             IS_FP8=False, QMAX=float(127 if qdtype == "int8" else 7), PACK=False, TWO_LEVEL_GROUP=two_level,
             **c.kwargs)
         assert torch.equal(codes, ref[0]) and torch.equal(scales, ref[1]), c
+
+
+@pytest.mark.parametrize("qdtype,group", [("int8", 0), ("int4_2l", 64)])
+def test_every_planar_config_is_exact(qdtype, group):
+    """Each config of the per-token kernel reading an NCHW image in place (pixels as rows, runs of BM pixels per
+    program, two images) gives the reference's codes (NHWC rows) and scales bit for bit."""
+    img = _x(2 * 70, 64).reshape(2, 70, 8, 8)       # B = 2, C = 70 (not a multiple of the K step), H·W = 64
+    ref = rq.quantize_act(img, None, None, qdtype, group, False)
+    m, kp = ref[0].shape
+    two_level = group if qdtype == "int4_2l" else 0
+    configs = tq._token_prune(tq._PLANAR_CONFIGS, {"KP": kp}, TWO_LEVEL_GROUP=two_level)
+    assert len(configs) >= 3 and all(c.kwargs["BK"] >= two_level for c in configs)
+    for c in configs:
+        codes, scales = torch.empty_like(ref[0]), torch.empty_like(ref[1])
+        tq._token_kernel[(triton.cdiv(m, c.kwargs["BM"]),)](
+            img, img, codes, scales, m, 70, kp, 128, 0, 64, codes.stride(0), HAS_SMOOTH=False, PLANAR=True,
+            IS_FP8=False, QMAX=float(127 if qdtype == "int8" else 7), PACK=False, TWO_LEVEL_GROUP=two_level,
+            **c.kwargs)
+        assert torch.equal(codes, ref[0]) and torch.equal(scales, ref[1]), c
+
+
+@pytest.mark.parametrize("qdtype,group", [("int8", 0), ("int4_2l", 64), ("int4", 64), ("fp8_e4m3", 0)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "odd_size"])
+def test_image_input_matches_rows(qdtype, group, layout):
+    """quantize_act on an image (B, C, H, W) quantizes its pixels as rows: an NCHW image in place (per-token and
+    per-group kernels), a channels-last one through its row view, other sizes through a copy; smoothing included."""
+    h, w = (5, 7) if layout == "odd_size" else (8, 16)
+    img = _x(3 * 40, h * w).reshape(3, 40, h, w)
+    if layout == "channels_last":
+        img = img.contiguous(memory_format=torch.channels_last)
+    smooth = (torch.rand(40) + 0.5).half()
+    rows = img.permute(0, 2, 3, 1).reshape(-1, 40).contiguous()
+    want = rq.quantize_act(rows, smooth, None, qdtype, group, False)
+    for got in (tq.quantize_act(img, smooth, None, qdtype, group, False),
+                rq.quantize_act(img, smooth, None, qdtype, group, False)):
+        view = (lambda t: t.view(torch.uint8)) if qdtype == "fp8_e4m3" else (lambda t: t)
+        assert torch.equal(view(got[0]), view(want[0])) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="no proj_down"):
+        tq.quantize_act(img, None, torch.zeros(40, 4).half(), qdtype, group, False)
 
 
 def test_two_level_act_codes_are_formats_codes_times_sub_scales():
@@ -692,7 +731,7 @@ def test_smoothing_in_a_compiled_graph_is_the_reference_division(conv, monkeypat
     traced = forward(layer, x)
     xq, sm = seen[-1]
     divided = x / layer.smooth.to(x.dtype).reshape((1, -1, 1, 1) if conv else (-1,))
-    assert sm is None and torch.equal(xq, divided.permute(0, 2, 3, 1).reshape(-1, 64) if conv else divided)
+    assert sm is None and torch.equal(xq, divided)       # (a conv passes its NCHW input itself)
     ref = layer.reference_forward(x)
     _close(traced, ref, tol=2e-2)
     _close(eager, ref, tol=2e-2)

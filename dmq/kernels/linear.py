@@ -259,11 +259,11 @@ def linear_forward(layer, x: torch.Tensor, smooth=None, proj_down=None, proj_up=
 
 # -- conv ------------------------------------------------------------------------------------------------------------
 def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """Kernel forward of a QuantConv2d (an SVDQuant one too): quantize the smoothed input pixels (NHWC rows), im2col
-    the int8 codes and their scales on the GPU, run the int GEMM with per-(pixel, tap) activation scales as K-groups
-    of one tap (or, with :data:`IMPLICIT_CONV`, the implicit-GEMM kernel on the codes themselves). The low-rank
-    branch's kh×kw down-projection runs as a 16-bit convolution of x with ``proj_down / smooth``
-    (:func:`_folded_down`), its up-projection in the GEMM's epilogue."""
+    """Kernel forward of a QuantConv2d (an SVDQuant one too): quantize the smoothed input pixels (read from NCHW in
+    place, codes written as NHWC rows), im2col the int8 codes and their scales on the GPU, run the int GEMM with
+    per-(pixel, tap) activation scales as K-groups of one tap (or, with :data:`IMPLICIT_CONV`, the implicit-GEMM
+    kernel on the codes themselves). The low-rank branch's kh×kw down-projection runs as a 16-bit convolution of x
+    with ``proj_down / smooth`` (:func:`_folded_down`), its up-projection in the GEMM's epilogue."""
     prep = prepare(layer)
     kh, kw = layer.kernel_size
     cin, cout = layer.in_channels, layer.out_channels
@@ -277,8 +277,7 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
     b, _, h, w = x.shape
     x, smooth = _graph_smoothing(x, layer.smooth, 1)
     proj_down = layer.proj_down
-    pix = x.permute(0, 2, 3, 1).reshape(b * h * w, cin).contiguous()
-    codes, scales, _ = ops.fast("quantize_act", pix)(pix, smooth, None, act_dtype, act_group, False)
+    codes, scales, _ = ops.fast("quantize_act", x)(x, smooth, None, act_dtype, act_group, False)   # NCHW in place
     cp = codes.shape[1]
     ho, wo = conv_out_hw(h, w, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     w_, fmt, w_scales, w_group = _int_weight(prep, ag or cp)
@@ -289,27 +288,27 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor:
         down = down.T.reshape(r, kh, kw, cin).permute(0, 3, 1, 2)
         lowrank = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation).permute(0, 2, 3, 1)
         lowrank, proj_up = lowrank.reshape(-1, r), layer.proj_up
-    if _implicit(layer, pix, fmt, ag, w_group):
-        y = ops.fast("conv_gemm_int", pix)(codes.reshape(b, h, w, cp), scales.reshape(b, h, w), w_, w_scales, kh, kw,
-                                           *layer.padding, *layer.dilation, lowrank, proj_up, layer.bias, x.dtype)
+    if _implicit(layer, x, fmt, ag, w_group):
+        y = ops.fast("conv_gemm_int", x)(codes.reshape(b, h, w, cp), scales.reshape(b, h, w), w_, w_scales, kh, kw,
+                                         *layer.padding, *layer.dilation, lowrank, proj_up, layer.bias, x.dtype)
     else:
         geometry = (kh, kw, *layer.stride, *layer.padding, *layer.dilation)
-        im2col = ops.fast("im2col", pix)
+        im2col = ops.fast("im2col", x)
         a = im2col(codes.reshape(b, h, w, cp), *geometry)
         a_scales = im2col(scales.reshape(b, h, w, -1), *geometry)
-        y = ops.fast("gemm_int", pix)(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, lowrank, proj_up,
-                                      layer.bias, x.dtype)
+        y = ops.fast("gemm_int", x)(a, a_scales, w_, w_scales, fmt, ag or cp, w_group, lowrank, proj_up,
+                                    layer.bias, x.dtype)
     return y.reshape(b, ho, wo, cout).permute(0, 3, 1, 2)
 
 
-def _implicit(layer, pix: torch.Tensor, w_format: str, act_group: int, w_group: int) -> bool:
+def _implicit(layer, x: torch.Tensor, w_format: str, act_group: int, w_group: int) -> bool:
     """Whether :data:`IMPLICIT_CONV` serves this call: stride 1, output size = input size, int8 weights with
     per-channel scales, per-pixel activation scales, and a TMA GPU (compute capability 9.0; the interpreter in
     the CPU tests)."""
     if not (IMPLICIT_CONV and w_format == "int8" and not act_group and not w_group and layer.stride == (1, 1)
             and conv_same_size(*layer.kernel_size, *layer.padding, *layer.dilation)):
         return False
-    return capability(pix) >= (9, 0) if pix.is_cuda else interpreting()
+    return capability(x) >= (9, 0) if x.is_cuda else interpreting()
 
 
 # -- SVDQuant ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ compiled models trace them as single nodes, without graph breaks.
 
 Ops (signatures as in :mod:`dmq.kernels.reference`):
 
-- ``quantize_act(x, smooth?, proj_down?, qdtype, group_size, pack) -> (codes, scales, lowrank)``
+- ``quantize_act(x, smooth?, proj_down?, qdtype, group_size, pack) -> (codes, scales, lowrank)`` (x: rows, or an
+  NCHW image whose pixels are the rows)
 - ``gemm_int(a, a_scales, w, w_scales, w_format, a_group, w_group, lowrank?, proj_up?, bias?, out_dtype) -> y``
 - ``conv_gemm_int(codes, scales, w, w_scales, kh, kw, ph, pw, dh, dw, lowrank?, proj_up?, bias?, out_dtype) -> y``
   (an implicit-GEMM stride-1 convolution over NHWC codes, no im2col; CUDA: Hopper's TMA)
@@ -69,7 +70,7 @@ def _(x, smooth, proj_down, qdtype, group_size, pack):
 @quantize_act.register_fake
 def _(x, smooth, proj_down, qdtype, group_size, pack):
     spec = _ref_quant.act_spec(qdtype, group_size)
-    m, k = x.shape
+    m, k = _ref_quant.pixel_rows(x).shape
     kp = padded_channels(spec, k)
     if qdtype == "fp8_e4m3":
         codes = x.new_empty((m, kp), dtype=torch.float8_e4m3fn)

@@ -8,7 +8,7 @@ import torch
 
 from dmq.formats import QuantSpec, pack_nibbles, padded_channels, quantize, unpack_int4
 
-__all__ = ["quantize_act", "act_spec", "smoothed", "TWO_LEVEL"]
+__all__ = ["quantize_act", "act_spec", "smoothed", "pixel_rows", "TWO_LEVEL"]
 
 TWO_LEVEL = "int4_2l"   # two-level int4 groups (see QuantSpec.two_level), delivered as int8 code · sub-scale
 _ACT_DTYPES = ("int4", "int8", "fp8_e4m3", TWO_LEVEL)
@@ -31,8 +31,9 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
                  group_size: int, pack: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize the rows of ``x · (1 / smooth)`` and project them onto ``proj_down``.
 
-    x: ``(M, K)`` 16-bit. smooth: ``(K,)`` or None (activations are multiplied by its fp32 reciprocal).
-    proj_down: ``(K, R)`` 16-bit or None. qdtype: ``"int4"``, ``"int8"``, ``"fp8_e4m3"`` or ``"int4_2l"`` (two-level
+    x: ``(M, K)`` 16-bit, or an NCHW image ``(B, K, H, W)`` whose pixels are the rows (``M = B·H·W``, codes in NHWC
+    order; no proj_down then: :func:`pixel_rows`). smooth: ``(K,)`` or None (activations are multiplied by its fp32
+    reciprocal). proj_down: ``(K, R)`` 16-bit or None. qdtype: ``"int4"``, ``"int8"``, ``"fp8_e4m3"`` or ``"int4_2l"`` (two-level
     int4 groups, returned as int8 ``code · sub-scale`` with the fp32 per-token ``scale2`` as scales, ready for a
     per-token int8 GEMM); group_size: 0 for one scale per token, else the group size along K. pack: int4 only, two
     codes per byte as :func:`dmq.formats.pack_nibbles`.
@@ -49,6 +50,9 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     if pack and qdtype != "int4":
         raise ValueError("pack=True is only meaningful for int4 codes")
     qt = spec.qtype
+    if x.dim() == 4 and proj_down is not None:
+        raise ValueError("an image input (B, C, H, W) takes no proj_down: a convolution's branch is a convolution")
+    x = pixel_rows(x)
     m, k = x.shape
     xs = smoothed(x, smooth)
     kp = padded_channels(spec, k)
@@ -71,6 +75,16 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
             codes = pack_nibbles(codes)
     scales = s.reshape(m, -1).to(torch.float16) if group_size else s.reshape(m)
     return codes.contiguous(), scales.contiguous(), _lowrank(x, xs, proj_down)
+
+
+def pixel_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(M, K)`` rows as they are; an image ``(B, K, H, W)`` as its pixels ``(B·H·W, K)`` (a copy unless x is
+    channels-last already)."""
+    if x.dim() == 4:
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if x.dim() != 2:
+        raise ValueError(f"x must be (M, K) or (B, C, H, W), got {tuple(x.shape)}")
+    return x
 
 
 def smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:

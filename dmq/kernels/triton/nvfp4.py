@@ -26,7 +26,7 @@ def _nvfp4_quant_kernel(x_ptr, sm_ptr, gs_ptr, c_ptr, s_ptr, M, K, KP, stride_xm
     g_safe = tl.where(g > 0, g, 1.0)
     for k0 in range(0, KP, BG):
         rk = k0 + tl.arange(0, BG)
-        xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH)
+        xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, 1, HAS_SMOOTH, False, BM)
         x3 = tl.reshape(xs, (BM, BG // 16, 16))
         amax = tl.max(tl.abs(x3), axis=2)
         s_blk = tl.math.div_rn(tl.math.div_rn(amax, tl.zeros_like(amax) + 6.0), tl.zeros_like(amax) + g_safe)

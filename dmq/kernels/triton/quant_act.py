@@ -17,7 +17,7 @@ import triton.language as tl
 from dmq.formats import SUB_MAX, padded_channels
 from dmq.kernels._common import (FLOAT16, bench_fn, check, encode_e4m3, fixed_config, fold_down, m_bucket, next_pow2,
                                 rcp, rint_small)
-from dmq.kernels.reference.quant_act import TWO_LEVEL, act_spec
+from dmq.kernels.reference.quant_act import TWO_LEVEL, act_spec, pixel_rows
 
 __all__ = ["quantize_act"]
 
@@ -33,14 +33,31 @@ _TARGET_PROGRAMS = 1024  # enough programs for 132 SMs several times over
 _TOKEN_CONFIGS = [triton.Config({"BM": bm, "BK": bk, "WHOLE": bk == 0}, num_warps=w)
                   for bm, bk, w in ((16, 512, 8), (8, 1024, 8), (8, 512, 4), (4, 1024, 4),
                                     (4, 0, 8), (2, 0, 8), (1, 0, 16))]
+# NCHW images read in place (PLANAR): a program's rows are a run of pixels, contiguous in each channel plane, so
+# loads coalesce along pixels; two passes over K of BK channels. Eager U-Net convolutions get their inputs in NCHW,
+# and the NCHW -> NHWC copy of them was the largest cost of an eager SDXL conv layer at 128² x 320 besides its
+# GEMM (78 us against 121 us, benchmarks/results/conv-gemm-h200.json, stage-* rows). Not yet timed on a GPU.
+_PLANAR_ROWS = 64        # image sizes H·W must be a multiple (and of every BM below); others are copied to rows
+_PLANAR_CONFIGS = [triton.Config({"BM": bm, "BK": bk, "WHOLE": False}, num_warps=w)
+                   for bm, bk, w in ((64, 64, 4), (64, 32, 4), (32, 64, 4), (64, 128, 8))]
 _TOKEN_BM = 16           # the interpreter's fixed config (no autotuning there)
 SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when it is a constexpr
 
 
 @triton.jit
-def _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
-    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                other=0.0).to(tl.float32)
+def _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HW, HAS_SMOOTH: tl.constexpr, PLANAR: tl.constexpr,
+             BM: tl.constexpr):
+    """A (BM, BK) fp32 tile of x / smooth: rows ``rm``, columns ``rk``. PLANAR: x is a contiguous NCHW image
+    (K channels, HW pixels per image, HW a multiple of BM, so no row is out of range) read in place, pixel m of
+    image m // HW at offset m % HW of each channel plane: a program's rows are one run of contiguous pixels, which
+    the hints (and no row mask) let the compiler load 16 bytes at a time."""
+    if PLANAR:
+        rows = tl.max_contiguous(tl.multiple_of((rm // HW) * K * HW + rm % HW, BM), BM)
+        x = tl.load(x_ptr + rows[:, None] + rk[None, :] * HW, mask=rk[None, :] < K, other=0.0)
+    else:
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                    other=0.0)
+    x = x.to(tl.float32)
     if HAS_SMOOTH:
         sm = tl.load(sm_ptr + rk, mask=rk < K, other=1.0).to(tl.float32)
         x = x * rcp(sm)[None, :]
@@ -89,15 +106,15 @@ def _store_two_level(xs, s2_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX: tl.const
 
 
 @triton.jit(do_not_specialize=["M"])
-def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_cm, stride_sm,
-                  HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr, GROUP: tl.constexpr,
-                  BM: tl.constexpr):
+def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, HW, stride_cm, stride_sm,
+                  HAS_SMOOTH: tl.constexpr, PLANAR: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
+                  GROUP: tl.constexpr, BM: tl.constexpr):
     """Per-group scales (fp16, as stored by dmq.formats): one pass over a BM × KCH tile."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     k_start = tl.program_id(1) * KCH
     for k0 in range(k_start, tl.minimum(k_start + KCH, KP), GROUP):
         rk = k0 + tl.arange(0, GROUP)
-        xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH)
+        xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
         amax = tl.max(tl.abs(xs), axis=1)
         s16 = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX).to(tl.float16)
         tl.store(s_ptr + rm * stride_sm + k0 // GROUP, s16, mask=rm < M)
@@ -107,21 +124,22 @@ def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, stride_
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
-def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, stride_cm,
-                  HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
-                  TWO_LEVEL_GROUP: tl.constexpr, WHOLE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, HW, stride_cm,
+                  HAS_SMOOTH: tl.constexpr, PLANAR: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr,
+                  PACK: tl.constexpr, TWO_LEVEL_GROUP: tl.constexpr, WHOLE: tl.constexpr, BM: tl.constexpr,
+                  BK: tl.constexpr):
     """Per-token scale = amax / qmax (fp32) and codes of BM whole rows: a max pass, then a quantization pass (its
     re-read of x mostly hits L2), or, when one K step covers the row (WHOLE), one load kept in registers.
     TWO_LEVEL_GROUP > 0: two-level int4 in groups of that size, the per-token scale being scale2 = amax / qmax /
     SUB_MAX (the largest group scale over SUB_MAX)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     if WHOLE:
-        xs = _load_xs(x_ptr, sm_ptr, rm, tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
+        xs = _load_xs(x_ptr, sm_ptr, rm, tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
         amax = tl.max(tl.abs(xs), axis=1)
     else:
         amax = tl.zeros((BM,), dtype=tl.float32)
         for k0 in range(0, KP, BK):
-            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
+            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
             amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
     s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
     if TWO_LEVEL_GROUP:
@@ -131,7 +149,7 @@ def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, st
     inv = rcp(s_div)
     for k0 in range(0, KP, BK):
         if not WHOLE:
-            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HAS_SMOOTH)
+            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
         if TWO_LEVEL_GROUP:
             _store_two_level(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BK)
         else:
@@ -152,7 +170,7 @@ def _token_prune(configs, named_args, **kwargs):
         bm, whole = c.kwargs["BM"], c.kwargs["WHOLE"]
         if whole and (bm * bk_max > _WHOLE_MAX or (kwargs.get("TWO_LEVEL_GROUP") and bm > 1)):
             continue
-        bk = bk_max if whole else min(c.kwargs["BK"], bk_max)
+        bk = bk_max if whole else max(min(c.kwargs["BK"], bk_max), kwargs.get("TWO_LEVEL_GROUP") or 0)
         key = (bm, bk, whole, c.num_warps)
         if key not in seen:
             seen.add(key)
@@ -160,9 +178,12 @@ def _token_prune(configs, named_args, **kwargs):
     return out
 
 
-_token_tuned = triton.autotune(_TOKEN_CONFIGS, key=["KP", "M_BUCKET", "TWO_LEVEL_GROUP", "IS_FP8", "PACK",
-                                                    "HAS_SMOOTH"],
-                               prune_configs_by={"early_config_prune": _token_prune}, do_bench=bench_fn)(_token_kernel)
+_TOKEN_KEY = ["KP", "M_BUCKET", "TWO_LEVEL_GROUP", "IS_FP8", "PACK", "HAS_SMOOTH"]
+_token_tuned = triton.autotune(_TOKEN_CONFIGS, key=_TOKEN_KEY, prune_configs_by={"early_config_prune": _token_prune},
+                               do_bench=bench_fn)(_token_kernel)
+_token_planar_tuned = triton.autotune(_PLANAR_CONFIGS, key=_TOKEN_KEY,
+                                      prune_configs_by={"early_config_prune": _token_prune},
+                                      do_bench=bench_fn)(_token_kernel)
 
 
 def _split(m: int, kp: int, step: int, bm: int) -> tuple[int, int]:
@@ -183,11 +204,18 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     :func:`_lowrank`)."""
     spec = act_spec(qdtype, group_size)
     two_level = qdtype == TWO_LEVEL
-    check(x.dim() == 2, lambda: f"x must be (M, K), got {tuple(x.shape)}")
+    check(x.dim() in (2, 4), lambda: f"x must be (M, K) or an image (B, C, H, W), got {tuple(x.shape)}")
     check(x.dtype in FLOAT16, lambda: f"x must be float16 or bfloat16, got {x.dtype}")
-    check(x.stride(-1) == 1, "x must be contiguous along K")
     check(pack is False or qdtype == "int4", "pack=True is only meaningful for int4 codes")
-    m, k = x.shape
+    hw = 1
+    if x.dim() == 4:
+        check(proj_down is None, "an image input (B, C, H, W) takes no proj_down")
+        hw = x.shape[2] * x.shape[3]
+        if not (x.is_contiguous() and hw % _PLANAR_ROWS == 0):
+            x, hw = pixel_rows(x).contiguous(), 1     # channels-last (a view) or an odd size (a copy)
+    planar = x.dim() == 4
+    check(planar or x.stride(-1) == 1, "x must be contiguous along K")
+    m, k = (x.numel() // x.shape[1], x.shape[1]) if planar else x.shape
     if smooth is not None:
         check(smooth.shape == (k,), lambda: f"smooth must be ({k},), got {tuple(smooth.shape)}")
         smooth = smooth.contiguous()
@@ -220,20 +248,21 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     if group_size and not two_level:
         bm = _BM if m > 16 else 16
         nsplit, kch = _split(m, kp, group_size, bm)
-        _group_kernel[(triton.cdiv(m, bm), nsplit)](x, sm_arg, codes, scales, m, k, kp, kch, x.stride(0),
+        _group_kernel[(triton.cdiv(m, bm), nsplit)](x, sm_arg, codes, scales, m, k, kp, kch, x.stride(0), hw,
                                                     codes.stride(0), scales.stride(0), HAS_SMOOTH=smooth is not None,
-                                                    QMAX=qmax, PACK=bool(pack), GROUP=int(group_size), BM=bm,
-                                                    num_warps=4)
+                                                    PLANAR=planar, QMAX=qmax, PACK=bool(pack),
+                                                    GROUP=int(group_size), BM=bm, num_warps=4)
     else:
         # two-level: kp is a multiple of the group size, and so is bk (both powers of two, bk ≥ group)
-        args = (x, sm_arg, codes, scales, m, k, kp, m_bucket(m), x.stride(0), codes.stride(0))
-        meta = dict(HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == "fp8_e4m3", QMAX=qmax, PACK=bool(pack),
-                    TWO_LEVEL_GROUP=int(group_size) if two_level else 0)
+        args = (x, sm_arg, codes, scales, m, k, kp, m_bucket(m), x.stride(0), hw, codes.stride(0))
+        meta = dict(HAS_SMOOTH=smooth is not None, PLANAR=planar, IS_FP8=qdtype == "fp8_e4m3", QMAX=qmax,
+                    PACK=bool(pack), TWO_LEVEL_GROUP=int(group_size) if two_level else 0)
         if fixed_config():
             _token_kernel[(triton.cdiv(m, _TOKEN_BM),)](*args, **meta, BM=_TOKEN_BM, BK=max(64, group_size),
                                                         WHOLE=False, num_warps=8)
         else:
-            _token_tuned[lambda c: (triton.cdiv(m, c["BM"]),)](*args, **meta)
+            tuned = _token_planar_tuned if planar else _token_tuned
+            tuned[lambda c: (triton.cdiv(m, c["BM"]),)](*args, **meta)
     if qdtype == "fp8_e4m3":
         codes = codes.view(torch.float8_e4m3fn)
     return codes, scales, lowrank
