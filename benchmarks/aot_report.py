@@ -47,7 +47,7 @@ def _e(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
 
 def linear_launches(m: int, k: int, n: int) -> list[tuple[str, Callable[[], object]]]:
     """The launches of dmq's quantized linears at one GEMM shape (CPU tensors of zeros)."""
-    from dmq.kernels.triton import fp8, gemm, quant_act, weight_only
+    from dmq.kernels.triton import fp8, gemm, nvfp4, quant_act, weight_only
 
     x, smooth, down = _e(m, k), torch.ones(k, dtype=BF16), _e(k, RANK)
     lr, up = _e(m, RANK), _e(RANK, n)
@@ -71,6 +71,9 @@ def linear_launches(m: int, k: int, n: int) -> list[tuple[str, Callable[[], obje
         ("expand-int4b-2l", lambda: weight_only.dequantize_weight(w4b, sub, "int4b", 64, k, torch.int8)),
         ("expand-int4b-bf16", lambda: weight_only.dequantize_weight(w4b, g64, "int4b", 64, k, BF16)),
         ("fp8-linear", lambda: fp8.fp8_linear(x[:small], _e(n, k, dtype=torch.float8_e4m3fn), ch, None)),
+        ("nvfp4-linear", lambda: nvfp4.nvfp4_linear(x[:small], smooth, down, up, _e(n, k // 2, dtype=torch.uint8),
+                                                    _e(n, k // 16, dtype=torch.float8_e4m3fn), torch.ones(()),
+                                                    None)),
     ]
 
 

@@ -28,10 +28,13 @@ import torch
 
 from dmq.kernels import _common
 
-__all__ = ["Launch", "Build", "CompileOnly", "compile_only", "sass_mix", "SHARED_LIMIT"]
+__all__ = ["Launch", "Build", "CompileOnly", "compile_only", "sass_mix", "programs_per_sm", "SHARED_LIMIT"]
 
 # Largest dynamic shared memory one program may use, bytes, per compute capability (CUDA programming guide).
 SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
+# Per SM (same source): shared memory bytes, resident warps, resident programs; 65,536 registers everywhere,
+# allocated per warp in units of 256, and 1 KB of shared memory reserved per program.
+_SM = {(8, 0): (167936, 64, 32), (8, 6): (102400, 48, 16), (8, 9): (102400, 48, 24), (9, 0): (233472, 64, 32)}
 
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
 _WIDTH = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
@@ -55,7 +58,8 @@ class Launch:
 class Build:
     """A launch compiled for the target: ``error`` is None when it compiled, ``fits`` when its shared memory fits
     the target's limit; ``stack_bytes`` (per-thread stack and local memory) > 0 means register spills; ``sass``:
-    :func:`sass_mix` of its code."""
+    :func:`sass_mix` of its code; ``programs_per_sm``: how many of its programs one SM holds at once, by the
+    register, shared memory, warp and program limits (:func:`programs_per_sm`)."""
 
     launch: Launch
     error: str | None = None
@@ -63,6 +67,7 @@ class Build:
     stack_bytes: int = 0
     shared_bytes: int = 0
     fits: bool = False
+    programs_per_sm: int = 0
     sass: dict[str, int] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
@@ -70,9 +75,20 @@ class Build:
         meta = ",".join(f"{k}={v}" for k, v in self.launch.meta)
         row = dict(kernel=self.launch.kernel, meta=meta, num_warps=self.launch.num_warps,
                    num_stages=self.launch.num_stages, error=self.error, registers=self.registers,
-                   stack_bytes=self.stack_bytes, shared_bytes=self.shared_bytes, fits=self.fits)
+                   stack_bytes=self.stack_bytes, shared_bytes=self.shared_bytes, fits=self.fits,
+                   programs_per_sm=self.programs_per_sm)
         row.update({f"sass_{k}": v for k, v in sorted(self.sass.items())})
         return row
+
+
+def programs_per_sm(cap: tuple[int, int], num_warps: int, registers: int, shared_bytes: int) -> int:
+    """Programs of ``num_warps`` warps using ``registers`` per thread and ``shared_bytes`` that one SM of compute
+    capability ``cap`` holds at once (0: it does not fit)."""
+    smem, max_warps, max_programs = _SM.get(cap, _SM[(8, 0)])
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // num_warps
+    by_smem = smem // (shared_bytes + 1024)
+    return min(by_regs, by_smem, max_warps // num_warps, max_programs)
 
 
 def sass_mix(sass: str) -> dict[str, int]:
@@ -160,6 +176,7 @@ class CompileOnly:
             if m:
                 out.registers, out.stack_bytes = int(m.group(1)), int(m.group(2)) + int(m.group(4))
             out.sass = sass_mix(_run(knobs.nvidia.nvdisasm.path, "-c", str(cubin)))
+        out.programs_per_sm = programs_per_sm(self.cap, launch.num_warps, out.registers, out.shared_bytes)
         return out
 
 
