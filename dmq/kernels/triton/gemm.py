@@ -24,10 +24,13 @@ def _cfg(bm, bn, bkh, warps, stages):
 
 
 # int8 weights: K step 2 * BKH (two K-halves per iteration; BKH=128 only where the group sizes allow it)
-_INT8_CONFIGS = [_cfg(128, 256, 64, 8, 4), _cfg(128, 256, 128, 8, 2), _cfg(128, 128, 128, 4, 3),
+# (the non-TMA kernel serves every int8 GEMM of an A100; compiled for sm_80 on a CPU, `python
+# benchmarks/aot_report.py --arch 8.0`, 128 x 128 with 4 warps spilled here, and with group scales in the K loop
+# every earlier config spilled, 128 x 256, 256 x 128 and 128 x 128 by 4-5 KB per thread: these do not, on sm_80 or
+# sm_90)
+_INT8_CONFIGS = [_cfg(128, 256, 64, 8, 4), _cfg(128, 256, 128, 8, 2), _cfg(128, 128, 128, 8, 3),
                  _cfg(256, 128, 64, 8, 4)]
-_INT8_CONFIGS_64 = [_cfg(128, 256, 64, 8, 4), _cfg(256, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
-                    _cfg(64, 128, 64, 4, 4)]
+_INT8_CONFIGS_64 = [_cfg(64, 256, 64, 8, 3), _cfg(128, 64, 64, 8, 4), _cfg(64, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 4)]
 # blocked int4 weights: the K-half is fixed by the layout (64 codes)
 _INT4_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
                  _cfg(64, 128, 64, 4, 4)]
@@ -36,9 +39,9 @@ _INT4_SWAP_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(256, 128, 64, 8, 3), _cfg(1
                       _cfg(128, 64, 64, 4, 4)]
 # with group scales in the K loop the swapped kernel holds three (BN, BM) accumulators: the tiles above spill
 # registers on sm_90 (`python benchmarks/aot_report.py`, compiled for Hopper on a CPU; 400-1,600 bytes of stack per
-# thread), these do not
-_INT4_SWAP_GROUP_CONFIGS = [_cfg(256, 64, 64, 8, 3), _cfg(256, 64, 64, 8, 4), _cfg(128, 64, 64, 4, 4),
-                            _cfg(128, 64, 64, 4, 5), _cfg(64, 64, 64, 4, 4)]
+# thread), these do not; the last three do not on sm_80 either (the first two spill 72-80 bytes there)
+_INT4_SWAP_GROUP_CONFIGS = [_cfg(256, 64, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(128, 64, 64, 8, 4),
+                            _cfg(64, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 4)]
 # Default operand order for blocked-int4 weights. The swapped order (weight tile as the MMA's first operand) was
 # faster at every shape measured on the H100 (benchmarks/results/kernels-h100.json: w4a8 g128 0.58x vs 0.47x bf16,
 # w4a4 g64 0.38x vs 0.28x, w4a4 per-channel 0.69x vs 0.63x at 4096x3072x9216).
