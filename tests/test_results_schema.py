@@ -73,3 +73,15 @@ def test_fidelity_results_show_the_expected_ordering(model):
     assert all(w8["psnr"] > r["psnr"] for (case, v), r in rows.items() if case == model and "4" in v)
     if model == "digits-dit":
         assert fp["accuracy"] >= 0.9
+
+
+def test_e2e_breakdown_counts_inductor_fusions_as_other():
+    """Inductor names its fused kernels after the ops they fuse, the quantized linear they feed included; the e2e
+    breakdown counts them as "other" in every variant, dmq's and cuBLAS's GEMMs as linear, SDPA as attention."""
+    from e2e import _kernel_kind
+
+    assert _kernel_kind("triton_poi_fused_cat_gelu_permute_quantize_act_view_3") == "other"
+    assert _kernel_kind("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_a") == "other"
+    assert _kernel_kind("_gemm_tma_kernel") == "linear" and _kernel_kind("_token_kernel") == "linear"
+    assert _kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "linear"
+    assert _kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_") == "attention"
