@@ -4,9 +4,9 @@ Inside :func:`compile_only`, calls of the Triton launchers (``dmq.kernels.triton
 kernel specialization they would launch instead of running it — an autotuned launch records every config that its
 pruning keeps — and :meth:`CompileOnly.build` compiles a recorded launch for the target with Triton's own compiler
 and the ptxas its wheel ships, then reads the cubin: registers, stack (spills), shared memory, programs per SM, and
-the SASS instruction mix (tensor-core MMAs, TMA copies, load and store widths). The interpreter (the CPU tests) checks what
-the kernels compute; this shows what it cannot: a config that does not compile or does not fit the SM, that
-spills, or that leaves the tensor cores.
+the SASS instruction mix (tensor-core MMAs, TMA copies, load and store widths). The interpreter (the CPU tests)
+checks what the kernels compute; this shows what it cannot: a config that does not compile or does not fit the SM,
+that spills, or that leaves the tensor cores.
 
 It relies on Triton's JIT cache hook and ``JITFunction.preload`` (Triton 3.6 and 3.9 checked) and swaps Triton's
 active driver while open: use it in a process that does not also run kernels (``benchmarks/aot_report.py``).
