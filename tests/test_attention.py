@@ -141,11 +141,10 @@ def test_launcher_checks_inputs():
 def test_kernel_needs_fp8_tensor_cores(monkeypatch, caplog):
     """The PV product is fp8 (compute capability ≥ 8.9; found by compiling for sm_80 on a CPU): on an older GPU the
     launcher raises a clear error and the hooks fall back to SDPA with one warning per device."""
-    import dmq.kernels._common as common
     from dmq.methods import attention as method
 
     q, k, v = _qkv(1, 2, 8, 8, 64)
-    monkeypatch.setattr(common, "capability", lambda t: (8, 0))
+    monkeypatch.setattr(method, "capability", lambda t: (8, 0))
     monkeypatch.setattr(tri, "capability", lambda t: (8, 0))
     monkeypatch.setattr(method, "_WARNED", set())
     with pytest.raises(ValueError, match="compute capability ≥ 8.9"):
@@ -153,7 +152,7 @@ def test_kernel_needs_fp8_tensor_cores(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="dmq.methods.attention"):
         assert not method._fp8_gpu(q) and not method._fp8_gpu(q)
     assert sum("fp8 tensor cores" in r.message for r in caplog.records) == 1
-    monkeypatch.setattr(common, "capability", lambda t: (9, 0))
+    monkeypatch.setattr(method, "capability", lambda t: (9, 0))
     assert method._fp8_gpu(q)
 
 

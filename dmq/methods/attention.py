@@ -17,9 +17,9 @@ quantized, which the hook's counters show.
 
 Which calls are quantized: cross-attention modules (``is_cross_attention``: U-Net and PixArt text keys) get no
 hook and stay 16-bit; a hooked call with a mask, dropout, ``is_causal``, grouped heads or different q/v head dims
-falls back to PyTorch's SDPA (counted in ``Int8AttentionHook.fallback``). On CUDA the kernel needs fp16/bf16, a head dim
-≤ 256 and fp8 tensor cores (compute capability ≥ 8.9: an A100 falls back, with a warning); elsewhere the op runs
-its PyTorch reference (slow, for fidelity studies).
+falls back to PyTorch's SDPA (counted in ``Int8AttentionHook.fallback``). On CUDA the kernel needs fp16/bf16, a
+head dim ≤ 256 and fp8 tensor cores (compute capability ≥ 8.9: an A100 falls back, with a warning); elsewhere the
+op runs its PyTorch reference (slow, for fidelity studies).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dmq.errors import ConfigError
+from dmq.kernels._common import FP8_CAPABILITY, capability
 
 __all__ = ["ATTENTION_MODES", "HOOK_NAME", "Int8AttentionHook", "attention_targets", "enable_quantized_attention",
            "disable_quantized_attention", "quantized_attention_hooks"]
@@ -63,14 +64,12 @@ def _supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any
     return q.dtype == k.dtype == v.dtype and q.is_floating_point()
 
 
-_WARNED: set[int] = set()
+_WARNED: set[int | None] = set()
 
 
 def _fp8_gpu(q: torch.Tensor) -> bool:
     """Whether q's GPU has the fp8 tensor cores that the kernel's PV product needs (compute capability ≥ 8.9);
     warns once per device when it has not."""
-    from dmq.kernels._common import FP8_CAPABILITY, capability
-
     cap = capability(q)
     if cap >= FP8_CAPABILITY:
         return True
