@@ -45,6 +45,17 @@ def _e(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype)
 
 
+def _persistent(call: Callable[[], object]) -> object:
+    """``call()`` with the persistent TMA GEMM switched on (dmq.kernels.triton.gemm.PERSISTENT)."""
+    from dmq.kernels.triton import gemm
+
+    gemm.PERSISTENT = True
+    try:
+        return call()
+    finally:
+        gemm.PERSISTENT = False
+
+
 def linear_launches(m: int, k: int, n: int) -> list[tuple[str, Callable[[], object]]]:
     """The launches of dmq's quantized linears at one GEMM shape (CPU tensors of zeros)."""
     from dmq.kernels.triton import fp8, gemm, nvfp4, quant_act, weight_only
@@ -65,6 +76,8 @@ def linear_launches(m: int, k: int, n: int) -> list[tuple[str, Callable[[], obje
         ("quant-int4_2l-g64", lambda: quant_act.quantize_act(x, smooth, down, "int4_2l", 64, False)),
         ("quant-int4-g64", lambda: quant_act.quantize_act(x, smooth, down, "int4", 64, True)),
         ("gemm-int8-ch-r32", lambda: gemm.gemm_int(a8, a_ch, w8, ch, "int8", 0, 0, lr, up, None, BF16)),
+        ("gemm-int8-ch-r32-persistent", lambda: _persistent(
+            lambda: gemm.gemm_int(a8, a_ch, w8, ch, "int8", 0, 0, lr, up, None, BF16))),
         ("gemm-int8-g64-r32", lambda: gemm.gemm_int(a8, a_g64, w8, g64, "int8", 64, 64, lr, up, None, BF16)),
         ("gemm-int4b-ch-inloop", lambda: gemm.gemm_int(a8, a_ch, w4b, ch, "int4b", 0, 0, lr, up, None, BF16)),
         ("gemm-int4b-g64-inloop", lambda: gemm.gemm_int(a8, a_g64, w4b, g64, "int4b", 64, 64, lr, up, None, BF16)),

@@ -144,8 +144,15 @@ def _prepare(model: torch.nn.Module, variant: str, fuse: bool = False) -> tuple[
     dmq variants are data-free, so they have no smoothing: ``-smooth`` (after ``-fused``) gives every SVDQuant layer
     a smoothing vector of ones (what a calibrated model runs; values do not change speed), and ``-kernelsmooth``
     (after ``-smooth``) keeps that smoothing inside the quantizer in compiled graphs
-    (``dmq.kernels.linear.SMOOTH_IN_GRAPH``); ``-implicitconv`` (last) runs stride-1 convolutions through the
-    implicit-GEMM kernel (``dmq.kernels.linear.IMPLICIT_CONV``)."""
+    (``dmq.kernels.linear.SMOOTH_IN_GRAPH``); ``-implicitconv`` runs stride-1 convolutions through the
+    implicit-GEMM kernel (``dmq.kernels.linear.IMPLICIT_CONV``); ``-persistent`` (last) runs the per-row ×
+    per-column scaled GEMMs through the persistent TMA kernel (``dmq.kernels.triton.gemm.PERSISTENT``)."""
+    if variant.endswith("-persistent"):
+        from dmq.kernels.triton import gemm
+
+        gemm.PERSISTENT = True
+        model, note = _prepare(model, variant.removesuffix("-persistent"), fuse)
+        return model, note + ", persistent TMA GEMMs"
     if variant.endswith("-attn8"):
         from dmq.methods.attention import enable_quantized_attention
 

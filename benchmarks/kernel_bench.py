@@ -9,7 +9,8 @@ FLUX / PixArt-Σ / SDXL shapes, all in one process. Prints ratios vs bf16 and as
 
 Variant names: ``dmq-w4a4-*-r32``: the resident int4 weight is expanded to an int8 workspace per call, then the
 int8 (TMA on Hopper) GEMM; ``+2lora`` = rank 32 + 16 + 16; ``-inloop`` = nibbles unpacked inside the GEMM's K loop
-(weight tile as the MMA's first operand); ``-unpack`` (w4a8) = the per-call int8 workspace. The layer paths take
+(weight tile as the MMA's first operand); ``-unpack`` (w4a8) = the per-call int8 workspace; ``-persistent`` = the
+same layer with the persistent TMA GEMM (one program per SM walking the tiles). The layer paths take
 ``proj_down / smooth`` folded once (``folded_down``), as the layers cache it. The layer path (dmq.kernels.linear,
 INT4_GEMM="auto") is ``dmq-w4a4-ch-r32`` without group scales and ``-inloop`` with them; ``abl-*`` = ablations
 (quantization with / without the down-projection, unpack alone, GEMM with / without its epilogue, without group
@@ -228,11 +229,26 @@ def gemm_variants(m, k, n, dev):
         return lambda xx: ops.quantized_linear(xx, smooth, None, pur, expand2(), s2w, "int8", 0, b, "int4_2l", 64,
                                                folded_down=folded[pdr.shape[1]])
     v["dmq-w4a4-2l-r32"] = (path2(pd, pu), True, bpp2 + branch(32), "tma")
+    v["dmq-w4a4-2l-r32-persistent"] = (persistent(path2(pd, pu)), False, bpp2 + branch(32), "tma_persistent")
+    v["dmq-w8a8-persistent"] = (persistent(v["dmq-w8a8"][0]), False, 1 + 4 / k, "tma_persistent")
     v["dmq-w4a4-2l-r32+2lora"] = (path2(pd64, pu64), False, bpp2 + branch(64), "tma")
     v["abl-2l-quant+down-only"] = (lambda xx: (tq.quantize_act(xx, smooth, None, "int4_2l", 64, False),
                                                xx @ folded[32]), False, None, None)
     v["abl-2l-unpack-only"] = (lambda xx: expand2(), False, None, None)
     return x, w, b, v
+
+
+def persistent(fn):
+    """``fn`` run with the persistent TMA GEMM (dmq.kernels.triton.gemm.PERSISTENT)."""
+    from dmq.kernels.triton import gemm as tg
+
+    def run(xx):
+        tg.PERSISTENT = True
+        try:
+            return fn(xx)
+        finally:
+            tg.PERSISTENT = False
+    return run
 
 
 def run_gemm_case(name, m, k, n, dev, rows):
@@ -471,6 +487,29 @@ def _run_checks(dev, rows):
                 e = rel(y, layer.reference_forward(x))
                 record(f"conv {dn} implicit {acts.describe()}", e < 2e-2 and torch.equal(y, y_im2col), e)
             guard(f"conv {dn} implicit", f)
+
+            def f_planar(ws=ws, acts=acts):   # the quantizer reading NCHW in place vs through the channels-last view
+                conv = torch.nn.Conv2d(320, 192, 3, padding=1).to(dev, dt)
+                layer = QuantConv2d.from_module(conv, ws, acts)
+                x = torch.randn(2, 320, 16, 24, device=dev).to(dt)
+                y = layer(x)
+                e = rel(y, layer.reference_forward(x))
+                same = torch.equal(y, layer(x.contiguous(memory_format=torch.channels_last)))
+                record(f"conv {dn} planar quantizer {acts.describe()}", e < 2e-2 and same, e)
+            guard(f"conv {dn} planar", f_planar)
+        for pname in ("w8a8", "w4a4-2l"):
+            def f_persistent(pname=pname):   # the persistent TMA GEMM: the same bits as one tile per program
+                layer = QuantLinear.from_module(torch.nn.Linear(3072, 1000).to(dev, dt), *presets[pname])
+                x = torch.randn(1000, 3072, device=dev).to(dt)
+                want = layer(x)
+                tg.PERSISTENT = True
+                try:
+                    got = layer(x)
+                finally:
+                    tg.PERSISTENT = False
+                e = rel(got, layer.reference_forward(x))
+                record(f"layer {pname} {dn} persistent GEMM", e < 2e-2 and torch.equal(got, want), e)
+            guard(f"layer {pname} {dn} persistent", f_persistent)
 
     def f_compile():
         k, n = 1024, 512

@@ -1,6 +1,6 @@
 """Compile-only checks for Hopper on the CPU (:mod:`dmq.kernels.aot`, ``benchmarks/aot_report.py`` over all the
 kernel benchmark's shapes, SDXL's convolutions and three attention shapes): every config the kernels autotune over
-compiles for sm_90, fits its shared memory and does not spill registers, and the int8 GEMMs (linear and
+compiles for sm_90, fits its shared memory and does not spill registers, and the int8 GEMMs (linear, persistent and
 implicit-GEMM convolution) run on warpgroup MMAs fed by TMA. The compiler cannot run under
 Triton's interpreter (set for the other tests), so the checks run in subprocesses without it."""
 
@@ -88,9 +88,10 @@ def test_every_config_compiles_fits_and_keeps_its_registers(hopper_rows):
 
 
 def test_int8_gemms_run_on_warpgroup_mma_fed_by_tma(hopper_rows):
-    tma = [r for r in hopper_rows if r["case"] == "gemm._gemm_tma_kernel"]
+    tma = [r for r in hopper_rows if r["case"] in ("gemm._gemm_tma_kernel", "gemm._gemm_tma_persistent_kernel")]
     conv = [r for r in tma if "CONV_KW=3" in r["variant"]]
-    assert conv and len(tma) > len(conv)
+    persistent = [r for r in tma if r["case"] == "gemm._gemm_tma_persistent_kernel"]
+    assert conv and persistent and len(tma) > len(conv) + len(persistent)
     for r in tma:
         assert r.get("sass_IGMMA", 0) > 0 and r.get("sass_UTMALDG", 0) > 0, r["variant"]
         assert r.get("sass_HGMMA", 0) > 0, r["variant"]     # the rank-32 up-projection in the epilogue

@@ -274,6 +274,22 @@ def test_tma_gemm_group_runs_match_reference(runs, ag, wg, monkeypatch):
     _close(got, rgemm.gemm_int(a, a_s, w, w_s, "int8", ag, wg, lr, up, bias, torch.float16))
 
 
+@pytest.mark.parametrize("m,k,n,r", [(130, 256, 200, 16), (37, 208, 50, 0), (1, 64, 37, 16)])
+def test_persistent_tma_gemm_is_the_tma_gemm(m, k, n, r, monkeypatch):
+    """The persistent TMA GEMM (3 programs walking the tiles under the interpreter: up to 4 tiles each, a K tail,
+    ragged M and N) gives bit for bit the one-tile-per-program kernel's output; grouped scales keep the latter."""
+    a, a_s, w, w_s, lr, up, bias = _gemm_inputs(m, k, n, "int8", 0, 0, r, seed=m)
+    assert tgemm.tma_ok(a, w)
+    want = tgemm.gemm_int(a, a_s, w, w_s, "int8", 0, 0, lr, up, bias, torch.float16)
+    launched = []
+    monkeypatch.setattr(tgemm, "PERSISTENT", True)
+    monkeypatch.setattr(tgemm, "_launch_persistent", lambda *args, f=tgemm._launch_persistent: (launched.append(1),
+                                                                                               f(*args))[1])
+    got = tgemm.gemm_int(a, a_s, w, w_s, "int8", 0, 0, lr, up, bias, torch.float16)
+    assert launched and torch.equal(got, want)
+    _close(got, rgemm.gemm_int(a, a_s, w, w_s, "int8", 0, 0, lr, up, bias, torch.float16))
+
+
 # -- im2col ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
 @pytest.mark.parametrize("geometry", [(3, 3, 1, 1, 1, 1, 1, 1), (3, 3, 2, 2, 1, 1, 1, 1), (1, 1, 1, 1, 0, 0, 1, 1),

@@ -73,9 +73,14 @@ def _epilogue(acc, rm, rn, om, on, M, N, as_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, 
 
 @triton.jit
 def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile ``(pid_m, pid_n)`` in grouped order (GROUP_M row tiles share a column sweep, for
-    L2 reuse)."""
-    pid = tl.program_id(0)
+    """This program's output tile ``(pid_m, pid_n)``: :func:`_tile_of` its program id."""
+    return _tile_of(tl.program_id(0), M, N, BM, BN, GROUP_M)
+
+
+@triton.jit
+def _tile_of(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile number ``pid`` as ``(pid_m, pid_n)`` in grouped order (GROUP_M row tiles share a column sweep,
+    for L2 reuse)."""
     num_n = tl.cdiv(N, BN)
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
@@ -215,6 +220,12 @@ _TMA_CONFIGS = [_tma_cfg(128, 256, 128, 8, 4), _tma_cfg(256, 128, 128, 8, 3), _t
 _TMA_CONFIGS_64 = [_tma_cfg(128, 128, 64, 8, 4), _tma_cfg(64, 256, 64, 8, 4), _tma_cfg(128, 64, 64, 4, 6),
                    _tma_cfg(64, 128, 64, 4, 6)]
 _TMA_KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "HAS_BIAS", "RUNS", "CONV_KW"]
+# Per-row × per-column scaled TMA GEMMs (w8a8, the two-level and per-channel W4A4 layers) as a persistent kernel
+# (:func:`_gemm_tma_persistent_kernel`). Off until measured on a GPU (benchmarks/kernel_bench.py's ``-persistent``
+# rows, benchmarks/e2e.py's ``-persistent`` suffix); bit-exact against the one-tile-per-program kernel in the CPU
+# tests and compiled for sm_90 by benchmarks/aot_report.py.
+PERSISTENT = False
+_SMS: dict[int, int] = {}
 # How group scales are applied when a run of K steps shares every scale (gcd of the group sizes > BK, e.g. a
 # convolution's per-(pixel, tap) activation scales over Cin channels): 0 = per K step; 1 = int32 accumulation over
 # the run and one rescale at its end. On the H200 at SDXL's 128² 320-channel conv (32768 x 2880 x 320): 0.106 ms
@@ -307,6 +318,30 @@ def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_pt
               stride_lm, stride_ur, stride_om, A_GROUP, W_GROUP, HAS_LR, HAS_BIAS, BR)
 
 
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _gemm_tma_persistent_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr, M, N, K, R, M_BUCKET,
+                                PROGRAMS, stride_asm, stride_wsn, stride_lm, stride_ur, stride_om,
+                                HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
+                                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """The per-row × per-column scaled path of :func:`_gemm_tma_kernel` as a persistent kernel: PROGRAMS programs
+    (one per SM) walk the output tiles, and the tile loop is flattened with the K loop so that the next tile's TMA
+    loads are issued while this tile's epilogue runs. The epilogue's tile comes from its own counter (``done``)
+    instead of values carried across the flattened loop."""
+    tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    done = tl.program_id(0) - PROGRAMS
+    for t in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_of(t, M, N, BM, BN, GROUP_M)
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for k0 in range(0, K, BK):
+            acc += tl.dot(a_desc.load([pid_m * BM, k0]), w_desc.load([pid_n * BN, k0]).T)
+        done += PROGRAMS
+        pid_m, pid_n = _tile_of(done, M, N, BM, BN, GROUP_M)
+        om = pid_m * BM + tl.arange(0, BM)
+        on = pid_n * BN + tl.arange(0, BN)
+        _epilogue(acc, om % M, on % N, om, on, M, N, as_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr, R, stride_asm,
+                  stride_wsn, stride_lm, stride_ur, stride_om, False, False, HAS_LR, HAS_BIAS, BR)
+
+
 def tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the TMA kernel can serve these int8 operands: a Hopper (or newer) GPU, or the interpreter, and
     16-byte aligned rows and bases."""
@@ -334,6 +369,8 @@ _TUNED = {
     "int4b_swap_group": triton.autotune(_INT4_SWAP_GROUP_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "tma": triton.autotune(_TMA_CONFIGS, key=_TMA_KEY, do_bench=bench_fn)(_gemm_tma_kernel),
     "tma_64": triton.autotune(_TMA_CONFIGS_64, key=_TMA_KEY, do_bench=bench_fn)(_gemm_tma_kernel),
+    "tma_persistent": triton.autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K", "R", "HAS_BIAS"],
+                                      do_bench=bench_fn)(_gemm_tma_persistent_kernel),
 }
 
 
@@ -481,9 +518,13 @@ def _launch_tma(a, a_scales, w, w_scales, tail, m, n, k, r, a_group, w_group, me
     groups = [g for g in (a_group, w_group) if g]
     run = math.gcd(*groups) if groups else 0     # K columns that share every scale (BK = 64 divides it)
     ch, cw, cp, kw_taps, ph, pw, dh, dw = (conv[0], conv[1], conv[2], conv[4], *conv[5:]) if conv else (0,) * 8
-    args = (a_desc, a_scales, w_desc, w_scales, lowrank, proj_up, bias, out, m, n, k, r, m_bucket(m), a_group,
-            w_group, run, a_scales.stride(0), w_scales.stride(0), lowrank.stride(0) if r else 0,
-            proj_up.stride(0) if r else 0, out.stride(0), ch, cw, cp, ph, pw, dh, dw)
+    head = (a_desc, a_scales, w_desc, w_scales, lowrank, proj_up, bias, out, m, n, k, r, m_bucket(m))
+    strides = (a_scales.stride(0), w_scales.stride(0), lowrank.stride(0) if r else 0, proj_up.stride(0) if r else 0,
+               out.stride(0))
+    if PERSISTENT and not (groups or conv):
+        _launch_persistent(head, strides, {key: meta[key] for key in ("HAS_LR", "HAS_BIAS", "BR")}, a, m, n)
+        return
+    args = (*head, a_group, w_group, run, *strides, ch, cw, cp, ph, pw, dh, dw)
     meta = {key: meta[key] for key in ("A_GROUP", "W_GROUP", "HAS_LR", "HAS_BIAS", "BR")}
     meta["RUNS"] = conv is not None or (bool(GROUP_RUNS) and run > 64)
     meta["CONV_KW"] = kw_taps
@@ -493,3 +534,27 @@ def _launch_tma(a, a_scales, w, w_scales, tail, m, n, k, r, a_group, w_group, me
         _gemm_tma_kernel[grid(dict(BM=64, BN=64))](*args, **meta, BM=64, BN=64, BK=64, GROUP_M=4)
     else:
         _TUNED["tma_64" if (a_group or w_group) else "tma"][grid](*args, **meta)
+
+
+def _launch_persistent(head: tuple, strides: tuple, meta: dict, a: torch.Tensor, m: int, n: int) -> None:
+    """:func:`_gemm_tma_persistent_kernel` on :func:`_launch_tma`'s operands (no group scales, no convolution):
+    one program per SM (3 with the fixed config of the interpreter and the quick GPU checks, so that programs walk
+    several tiles)."""
+    if fixed_config():
+        programs = 3
+    elif capability(a) and not a.is_cuda:   # compile-only (dmq.kernels.aot): an H100's count
+        programs = 132
+    else:
+        idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
+        if idx not in _SMS:
+            _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        programs = _SMS[idx]
+    tail = (*head, programs, *strides)
+
+    def grid(c):
+        return (min(programs, triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"])),)
+
+    if fixed_config():   # (the descriptors' block shape is already the fixed config's, 64 x 64)
+        _gemm_tma_persistent_kernel[grid(dict(BM=64, BN=64))](*tail, **meta, BM=64, BN=64, BK=64, GROUP_M=4)
+    else:
+        _TUNED["tma_persistent"][grid](*tail, **meta)
