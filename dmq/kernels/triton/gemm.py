@@ -320,21 +320,22 @@ def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_pt
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _gemm_tma_persistent_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr, M, N, K, R, M_BUCKET,
-                                PROGRAMS, stride_asm, stride_wsn, stride_lm, stride_ur, stride_om,
+                                stride_asm, stride_wsn, stride_lm, stride_ur, stride_om,
                                 HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
                                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """The per-row × per-column scaled path of :func:`_gemm_tma_kernel` as a persistent kernel: PROGRAMS programs
-    (one per SM) walk the output tiles, and the tile loop is flattened with the K loop so that the next tile's TMA
-    loads are issued while this tile's epilogue runs. The epilogue's tile comes from its own counter (``done``)
-    instead of values carried across the flattened loop."""
+    """The per-row × per-column scaled path of :func:`_gemm_tma_kernel` as a persistent kernel: the programs (one
+    per SM) walk the output tiles, and the tile loop is flattened with the K loop so that the next tile's TMA loads
+    are issued while this tile's epilogue runs. The epilogue's tile comes from its own counter (``done``) instead
+    of values carried across the flattened loop."""
     tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-    done = tl.program_id(0) - PROGRAMS
-    for t in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+    programs = tl.num_programs(0)
+    done = tl.program_id(0) - programs
+    for t in tl.range(tl.program_id(0), tiles, programs, flatten=True):
         pid_m, pid_n = _tile_of(t, M, N, BM, BN, GROUP_M)
         acc = tl.zeros((BM, BN), dtype=tl.int32)
         for k0 in range(0, K, BK):
             acc += tl.dot(a_desc.load([pid_m * BM, k0]), w_desc.load([pid_n * BN, k0]).T)
-        done += PROGRAMS
+        done += programs
         pid_m, pid_n = _tile_of(done, M, N, BM, BN, GROUP_M)
         om = pid_m * BM + tl.arange(0, BM)
         on = pid_n * BN + tl.arange(0, BN)
@@ -549,7 +550,7 @@ def _launch_persistent(head: tuple, strides: tuple, meta: dict, a: torch.Tensor,
         if idx not in _SMS:
             _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
         programs = _SMS[idx]
-    tail = (*head, programs, *strides)
+    tail = (*head, *strides)
 
     def grid(c):
         return (min(programs, triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"])),)
