@@ -29,7 +29,7 @@ import triton  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, write_results  # noqa: E402
+from common import RESULTS_DIR, switched, write_results  # noqa: E402
 from kernel_bench import CASES  # noqa: E402
 
 from dmq.kernels._common import FP8_CAPABILITY  # noqa: E402
@@ -43,17 +43,6 @@ RANK = 32
 
 def _e(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype)
-
-
-def _persistent(call: Callable[[], object]) -> object:
-    """``call()`` with the persistent TMA GEMM switched on (dmq.kernels.triton.gemm.PERSISTENT)."""
-    from dmq.kernels.triton import gemm
-
-    gemm.PERSISTENT = True
-    try:
-        return call()
-    finally:
-        gemm.PERSISTENT = False
 
 
 def linear_launches(m: int, k: int, n: int) -> list[tuple[str, Callable[[], object]]]:
@@ -71,13 +60,17 @@ def linear_launches(m: int, k: int, n: int) -> list[tuple[str, Callable[[], obje
                 ("gemv-int8-ch", lambda: weight_only.weight_only_linear(x, w8, ch, "int8", 0, None))]
     a8, a_ch, a_g64 = _e(m, k, dtype=torch.int8), torch.ones(m), torch.ones(m, -(-k // 64), dtype=torch.float16)
     small = min(m, 64)   # host-side torch ops after these kernels run on the CPU: keep them small
+
+    def gemm_persistent():
+        with switched(gemm, "PERSISTENT", True):
+            return gemm.gemm_int(a8, a_ch, w8, ch, "int8", 0, 0, lr, up, None, BF16)
+
     return [
         ("quant-int8-token", lambda: quant_act.quantize_act(x, smooth, down, "int8", 0, False)),
         ("quant-int4_2l-g64", lambda: quant_act.quantize_act(x, smooth, down, "int4_2l", 64, False)),
         ("quant-int4-g64", lambda: quant_act.quantize_act(x, smooth, down, "int4", 64, True)),
         ("gemm-int8-ch-r32", lambda: gemm.gemm_int(a8, a_ch, w8, ch, "int8", 0, 0, lr, up, None, BF16)),
-        ("gemm-int8-ch-r32-persistent", lambda: _persistent(
-            lambda: gemm.gemm_int(a8, a_ch, w8, ch, "int8", 0, 0, lr, up, None, BF16))),
+        ("gemm-int8-ch-r32-persistent", gemm_persistent),
         ("gemm-int8-g64-r32", lambda: gemm.gemm_int(a8, a_g64, w8, g64, "int8", 64, 64, lr, up, None, BF16)),
         ("gemm-int4b-ch-inloop", lambda: gemm.gemm_int(a8, a_ch, w4b, ch, "int4b", 0, 0, lr, up, None, BF16)),
         ("gemm-int4b-g64-inloop", lambda: gemm.gemm_int(a8, a_g64, w4b, g64, "int4b", 64, 64, lr, up, None, BF16)),

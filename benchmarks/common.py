@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -69,3 +70,15 @@ def gpu_script_args(doc: str, script: str,
         raise SystemExit(f"benchmarks/{script} needs a CUDA GPU")
     args.wanted = set(filter(None, args.cases.split(",")))
     return args
+
+
+@contextlib.contextmanager
+def switched(module: Any, name: str, value: Any) -> Iterator[None]:
+    """``module.name`` set to ``value`` inside the block (a kernel switch such as
+    ``dmq.kernels.triton.gemm.PERSISTENT``), and back to what it was after it."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, gpu_script_args, write_results  # noqa: E402
+from common import device_name, gpu_script_args, switched, write_results  # noqa: E402
 
 CASES = [  # name, M, K, N (most important first: a run cut short by --budget-s keeps these)
     ("flux_qkv", 4096, 3072, 9216),
@@ -243,11 +243,8 @@ def persistent(fn):
     from dmq.kernels.triton import gemm as tg
 
     def run(xx):
-        tg.PERSISTENT = True
-        try:
+        with switched(tg, "PERSISTENT", True):
             return fn(xx)
-        finally:
-            tg.PERSISTENT = False
     return run
 
 
@@ -474,39 +471,29 @@ def _run_checks(dev, rows):
             guard(f"conv {dn}", f)
         two_level = QuantSpec("int4", "group", 64, two_level=True)
         for ws, acts in ((QuantSpec("int8", "channel"), QuantSpec("int8", "token")), (two_level, two_level)):
-            def f(ws=ws, acts=acts):   # the implicit-GEMM conv: TMA windows at negative and past-the-end rows
-                conv = torch.nn.Conv2d(320, 192, 3, padding=1).to(dev, dt)
-                layer = QuantConv2d.from_module(conv, ws, acts)
+            def f(ws=ws, acts=acts):
+                # the implicit-GEMM conv (TMA windows at negative and past-the-end rows of 17 x 13 images), then the
+                # quantizer reading 16 x 24 NCHW images in place against their channels-last view
+                layer = QuantConv2d.from_module(torch.nn.Conv2d(320, 192, 3, padding=1).to(dev, dt), ws, acts)
                 x = torch.randn(2, 320, 17, 13, device=dev).to(dt)
                 y_im2col = layer(x)
-                kl.IMPLICIT_CONV = True
-                try:
+                with switched(kl, "IMPLICIT_CONV", True):
                     y = layer(x)
-                finally:
-                    kl.IMPLICIT_CONV = False
                 e = rel(y, layer.reference_forward(x))
                 record(f"conv {dn} implicit {acts.describe()}", e < 2e-2 and torch.equal(y, y_im2col), e)
-            guard(f"conv {dn} implicit", f)
-
-            def f_planar(ws=ws, acts=acts):   # the quantizer reading NCHW in place vs through the channels-last view
-                conv = torch.nn.Conv2d(320, 192, 3, padding=1).to(dev, dt)
-                layer = QuantConv2d.from_module(conv, ws, acts)
                 x = torch.randn(2, 320, 16, 24, device=dev).to(dt)
                 y = layer(x)
                 e = rel(y, layer.reference_forward(x))
                 same = torch.equal(y, layer(x.contiguous(memory_format=torch.channels_last)))
                 record(f"conv {dn} planar quantizer {acts.describe()}", e < 2e-2 and same, e)
-            guard(f"conv {dn} planar", f_planar)
+            guard(f"conv {dn} implicit / planar", f)
         for pname in ("w8a8", "w4a4-2l"):
             def f_persistent(pname=pname):   # the persistent TMA GEMM: the same bits as one tile per program
                 layer = QuantLinear.from_module(torch.nn.Linear(3072, 1000).to(dev, dt), *presets[pname])
                 x = torch.randn(1000, 3072, device=dev).to(dt)
                 want = layer(x)
-                tg.PERSISTENT = True
-                try:
+                with switched(tg, "PERSISTENT", True):
                     got = layer(x)
-                finally:
-                    tg.PERSISTENT = False
                 e = rel(got, layer.reference_forward(x))
                 record(f"layer {pname} {dn} persistent GEMM", e < 2e-2 and torch.equal(got, want), e)
             guard(f"layer {pname} {dn} persistent", f_persistent)
