@@ -517,7 +517,6 @@ def _run_checks(dev, rows):
         e = rel(got, ref)
         record(f"torch.compile(fullgraph=True) fused op ({time.time() - t0:.0f}s)", e < 1e-2, e)
     guard("torch.compile", f_compile)
-    del kl
 
 
 def _options(ap) -> None:
