@@ -31,10 +31,11 @@ from dmq.kernels import _common
 __all__ = ["Launch", "Build", "CompileOnly", "compile_only", "sass_mix", "programs_per_sm", "SHARED_LIMIT"]
 
 # Largest dynamic shared memory one program may use, bytes, per compute capability (CUDA programming guide).
-SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
+SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448, (10, 0): 232448, (12, 0): 101376}
 # Per SM (same source): shared memory bytes, resident warps, resident programs; 65,536 registers everywhere,
 # allocated per warp in units of 256, and 1 KB of shared memory reserved per program.
-_SM = {(8, 0): (167936, 64, 32), (8, 6): (102400, 48, 16), (8, 9): (102400, 48, 24), (9, 0): (233472, 64, 32)}
+_SM = {(8, 0): (167936, 64, 32), (8, 6): (102400, 48, 16), (8, 9): (102400, 48, 24), (9, 0): (233472, 64, 32),
+       (10, 0): (233472, 64, 32), (12, 0): (102400, 48, 32)}
 
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
 _WIDTH = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
