@@ -1,10 +1,11 @@
-"""Compile every Triton kernel dmq launches at the kernel benchmark's shapes for an NVIDIA GPU, on a machine without
-one (:mod:`dmq.kernels.aot`), and write what that GPU would run: per kernel specialization (an autotuned launch
-gives one per config), whether it compiles, registers, spills, shared memory against the SM's limit, and the SASS
-instruction mix (tensor-core MMAs, TMA copies, global load / store widths).
+"""Compile every Triton kernel dmq launches at the kernel benchmark's shapes, SDXL's convolutions and three
+attention shapes for an NVIDIA GPU, on a machine without one (:mod:`dmq.kernels.aot`), and write what that GPU would
+run: per kernel specialization (an autotuned launch gives one per config), whether it compiles, registers, spills,
+shared memory against the SM's limit, programs per SM, and the SASS instruction mix (tensor-core MMAs, TMA copies,
+global load / store widths).
 
-    python benchmarks/aot_report.py                           # sm_90 (Hopper), all cases
-    python benchmarks/aot_report.py --arch 8.0 --cases flux_qkv,conv
+    python benchmarks/aot_report.py                           # sm_90 (H100, H200), all cases
+    python benchmarks/aot_report.py --arch 8.0 --cases flux_qkv,conv     # A100; also 8.6, 8.9, 10.0, 12.0
 
 Nothing runs on a GPU; the Triton that is installed compiles (the results file records its version: the GPU
 machine's is 3.6). Rows: ``case`` = kernel, ``variant`` = its constexprs and config, ``first_seen`` = the launch
