@@ -155,6 +155,13 @@ def main() -> None:
                      variant, build.registers, build.shared_bytes, flag)
     name = args.name or f"aot-sm{cap[0]}{cap[1]}-triton{triton.__version__}"
     path = write_results(name, rows, Path(args.results_dir))
+    log.info("%-40s %5s %9s %9s %9s %6s", "kernel", "specs", "registers", "max stack", "programs", "failed")
+    for kernel in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == kernel]
+        regs, per_sm = [r["registers"] for r in rs], [r["programs_per_sm"] for r in rs]
+        log.info("%-40s %5d %4d-%-4d %9d %4d-%-4d %6d", kernel, len(rs), min(regs), max(regs),
+                 max(r["stack_bytes"] for r in rs), min(per_sm), max(per_sm),
+                 sum(bool(r["error"]) or not r["fits"] for r in rs))
     bad = [r for r in rows if r["error"] or not r["fits"] or r["stack_bytes"]]
     log.info("%d specializations, %d failing / not fitting / spilling; wrote %s", len(rows), len(bad), path)
 
