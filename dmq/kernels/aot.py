@@ -96,10 +96,11 @@ def sass_mix(sass: str) -> dict[str, int]:
     """Instruction counts of an ``nvdisasm`` listing: ``total``; every opcode among the tensor-core MMAs
     (``HGMMA``/``IGMMA``/``QGMMA`` warpgroup, ``HMMA``/``IMMA`` warp), TMA copies (``UTMALDG``/``UTMASTG``),
     local memory (``LDL``/``STL``: spills), conversions (``I2F``, ``I2FP``, ``F2F``, ``F2FP``, ``F2I``) and shared
-    memory (``LDS``, ``STS``, ``LDSM``, ``LDGSTS``: asynchronous copies from global); global loads and stores by
-    access width in bits (``LDG.128``, ``STG.8``, ...)."""
+    memory (``LDS``, ``STS``, ``LDSM``, ``LDGSTS``: asynchronous copies from global), the special-function unit
+    (``MUFU``: reciprocals, square roots, exponentials; an IEEE division is one ``MUFU.RCP`` plus a check and a
+    slow-path call); global loads and stores by access width in bits (``LDG.128``, ``STG.8``, ...)."""
     kept = {"HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "UTMALDG", "UTMASTG", "LDL", "STL", "I2F", "I2FP", "F2F",
-            "F2FP", "F2I", "LDS", "STS", "LDSM", "LDGSTS", "BAR"}
+            "F2FP", "F2I", "LDS", "STS", "LDSM", "LDGSTS", "BAR", "MUFU"}
     mix: collections.Counter[str] = collections.Counter()
     for m in _SASS_OP.finditer(sass):
         op, mods = m.group(1), m.group(2).split(".")[1:]
