@@ -98,25 +98,6 @@ def test_quantize_act_matches_reference(m, case):
         _close(got[2], ref[2])
 
 
-def test_smooth_reciprocal_is_cached_until_the_smoothing_changes():
-    """The quantizers load the fp32 reciprocal of smooth, the reference's bits; it is computed once per smoothing
-    tensor and again after an in-place change or for another tensor, so codes follow the smoothing."""
-    from dmq.kernels._common import smooth_rcp
-
-    x = _x(9, 100)
-    smooth = (torch.rand(100) + 0.5).half()
-    rcp = smooth_rcp(smooth)
-    assert rcp.dtype == torch.float32 and torch.equal(rcp, torch.reciprocal(smooth.float()))
-    assert smooth_rcp(smooth) is rcp and smooth_rcp(smooth.clone()) is not rcp
-    with torch.no_grad():
-        smooth.mul_(2)
-    assert torch.equal(smooth_rcp(smooth), torch.reciprocal(smooth.float()))
-    for qdtype, group in (("int8", 0), ("int4", 64)):
-        got, ref = tq.quantize_act(x, smooth, None, qdtype, group, False), rq.quantize_act(x, smooth, None, qdtype,
-                                                                                             group, False)
-        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-
-
 @pytest.mark.parametrize("qdtype,group", [("int4", 64), ("int8", 0), ("fp8_e4m3", 0), ("int4", 0)])
 def test_quantize_act_codes_equal_formats_quantize(qdtype, group):
     """On the CPU the reference (correctly rounded divisions) is exactly dmq.formats.quantize."""

@@ -8,7 +8,6 @@ import os
 from typing import Callable
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 try:  # Triton is optional: the references work without it
     import triton
@@ -21,7 +20,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpreting", "fixed_config", "next_pow2", "m_bucket", "check", "fold_down", "FLOAT16",
-           "tl_dtype", "bench_fn", "capability", "FP8_CAPABILITY", "smooth_rcp", "tensor_version"]
+           "tl_dtype", "bench_fn", "capability", "FP8_CAPABILITY"]
 
 FLOAT16 = (torch.float16, torch.bfloat16)
 
@@ -78,33 +77,6 @@ def fold_down(smooth: torch.Tensor | None, proj_down: torch.Tensor, dtype: torch
         k, r = pd.shape
         pd = (pd.reshape(k // smooth.numel(), smooth.numel(), r) / smooth.float()[:, None]).reshape(k, r)
     return pd.to(dtype)
-
-
-def tensor_version(t: torch.Tensor) -> int:
-    """In-place modification counter of ``t``; 0 for tensors made under ``torch.inference_mode()``, which keep
-    none (those are keyed by storage alone)."""
-    return 0 if t.is_inference() else t._version
-
-
-_RCP: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def smooth_rcp(smooth: torch.Tensor) -> torch.Tensor:
-    """``1 / smooth`` in fp32, correctly rounded, contiguous ``(K,)``: what the activation quantizers multiply x by
-    (the reference's :func:`dmq.kernels.reference.quant_act.smoothed` computes the same bits). Cached per smoothing
-    tensor until it is replaced or modified in place; not stored while a CUDA graph is being captured (its kernels
-    have not run then). In the kernels, the reciprocal of a column slice was computed once per element a thread
-    holds, an IEEE division each (``MUFU.RCP`` + ``FCHK`` + a slow-path call in the SASS,
-    ``benchmarks/aot_report.py``): the quantizer with smoothing took 1.5-1.7x its time without
-    (benchmarks/results/quant-variants-h200.json)."""
-    key = (smooth.data_ptr(), tensor_version(smooth), smooth.shape)
-    hit = _RCP.get(smooth)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    rcp = torch.reciprocal(smooth.detach().to(torch.float32)).contiguous()
-    if not (smooth.is_cuda and torch.cuda.is_current_stream_capturing()):
-        _RCP[smooth] = (key, rcp)
-    return rcp
 
 
 def check(cond: bool, msg: str | Callable[[], str]) -> None:

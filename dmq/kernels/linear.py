@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from dmq.formats import padded_channels
 from dmq.kernels import ops
-from dmq.kernels._common import FP8_CAPABILITY, HAS_TRITON, capability, fold_down, interpreting, tensor_version
+from dmq.kernels._common import FP8_CAPABILITY, HAS_TRITON, capability, fold_down, interpreting
 from dmq.kernels.dispatch import register_kernel
 from dmq.kernels.layouts import int4_to_blocked
 from dmq.kernels.reference.gemm import conv_same_size
@@ -55,13 +55,10 @@ INT4_GEMM = "auto"
 
 # Where the integer paths divide x by ``smooth`` inside a compiled graph: True = before the quantizer, as the layer
 # reference's own 16-bit division, which Inductor fuses into the kernel that produced x (a norm, an activation, the
-# attention output's layout copy), so that the quantizer runs without smoothing. Smoothing had cost ~40% of the
-# quantizer's time on the H200 (two-level int4 at 4096 x 3072: 22.5 against 13.7 us; 8192 x 640: 16.6 against 9.7 us,
-# benchmarks/results/quant-variants-h200.json): the kernels computed the reciprocal of smooth once per element, an
-# IEEE division each. They now load a cached fp32 reciprocal (:func:`dmq.kernels._common.smooth_rcp`), one multiply
-# per element; whether False (smoothing inside the quantizer, more exact: fp32, no 16-bit rounding of x / smooth) is
-# now as fast is what the e2e ``-kernelsmooth`` variant measures. Eager calls always smooth inside the quantizer: a
-# separate division would be one more pass over x.
+# attention output's layout copy), so that the quantizer runs without smoothing; its per-column reciprocal was ~40%
+# of its time on the H200 (two-level int4 at 4096 x 3072: 22.5 against 13.7 us; 8192 x 640: 16.6 against 9.7 us,
+# benchmarks/results/quant-variants-h200.json). Eager calls always smooth inside the quantizer: a separate division
+# would be one more pass over x.
 SMOOTH_IN_GRAPH = True
 
 # Quantized stride-1 convolutions that keep the input size (a U-Net's 3×3 convs), with int8 weights (w8a8, two-level
@@ -144,11 +141,17 @@ def _k_act(layer) -> int:
     return layer.taps * padded_channels(layer.act_spec, layer.channels)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter of ``t``; 0 for tensors made under ``torch.inference_mode()``, which keep
+    none (a model quantized inside inference mode is keyed by storage alone)."""
+    return 0 if t.is_inference() else t._version
+
+
 def prepare(layer) -> dict[str, Any]:
     """Convert the layer's stored weight to the kernel layout once (cached on the layer; recomputed when the
     device changes or, outside torch.compile, when ``qweight`` is replaced or modified in place)."""
     qw = layer.qweight
-    key = (qw.device, qw.data_ptr(), tensor_version(qw)) if not torch.compiler.is_compiling() else None
+    key = (qw.device, qw.data_ptr(), _version(qw)) if not torch.compiler.is_compiling() else None
     cache = layer.__dict__.get(_CACHE_ATTR)
     if cache is not None and (key is None or cache["key"] == key):
         return cache
@@ -189,8 +192,8 @@ def _folded_down(prep: dict[str, Any], smooth: torch.Tensor | None, proj_down: t
     until the branch or the smoothing changes (LoRAs replace proj_down); computed in the graph when compiling."""
     if torch.compiler.is_compiling():
         return fold_down(smooth, proj_down, dtype)
-    key = (proj_down.data_ptr(), tensor_version(proj_down), dtype,
-           None if smooth is None else (smooth.data_ptr(), tensor_version(smooth)))
+    key = (proj_down.data_ptr(), _version(proj_down), dtype,
+           None if smooth is None else (smooth.data_ptr(), _version(smooth)))
     cached = prep.get("folded_down")
     if cached is None or cached[0] != key:
         cached = prep["folded_down"] = (key, fold_down(smooth, proj_down, dtype))

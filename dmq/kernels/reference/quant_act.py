@@ -88,8 +88,8 @@ def pixel_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
-    """``x (M, K)`` in fp32 times the correctly rounded fp32 reciprocal of ``smooth (K,)`` (the kernels load that
-    reciprocal, :func:`dmq.kernels._common.smooth_rcp`: one multiply per element)."""
+    """``x (M, K)`` in fp32 times the correctly rounded fp32 reciprocal of ``smooth (K,)`` (a kernel loads smooth
+    and does the same: one division per channel, one multiply per element)."""
     xs = x.to(torch.float32)
     return xs if smooth is None else xs * torch.reciprocal(smooth.to(torch.float32))
 

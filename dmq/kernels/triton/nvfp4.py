@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dmq.kernels._common import (FLOAT16, check, decode_e4m3, encode_e2m1, encode_e4m3, interpreting, rcp,
-                                smooth_rcp)
+from dmq.kernels._common import FLOAT16, check, decode_e4m3, encode_e2m1, encode_e4m3, interpreting, rcp
 from dmq.kernels.reference.nvfp4 import nvfp4_amax
 from dmq.kernels.triton.quant_act import _load_xs
 from dmq.kernels.triton.weight_only import dequantize_weight
@@ -20,14 +19,14 @@ __all__ = ["nvfp4_quantize", "nvfp4_linear"]
 
 
 @triton.jit(do_not_specialize=["M"])
-def _nvfp4_quant_kernel(x_ptr, rs_ptr, gs_ptr, c_ptr, s_ptr, M, K, KP, stride_xm, stride_cm, stride_sm,
+def _nvfp4_quant_kernel(x_ptr, sm_ptr, gs_ptr, c_ptr, s_ptr, M, K, KP, stride_xm, stride_cm, stride_sm,
                         HAS_SMOOTH: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr):
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     g = tl.load(gs_ptr)
     g_safe = tl.where(g > 0, g, 1.0)
     for k0 in range(0, KP, BG):
         rk = k0 + tl.arange(0, BG)
-        xs = _load_xs(x_ptr, rs_ptr, rm, rk, M, K, stride_xm, 1, HAS_SMOOTH, False, BM)
+        xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, 1, HAS_SMOOTH, False, BM)
         x3 = tl.reshape(xs, (BM, BG // 16, 16))
         amax = tl.max(tl.abs(x3), axis=2)
         s_blk = tl.math.div_rn(tl.math.div_rn(amax, tl.zeros_like(amax) + 6.0), tl.zeros_like(amax) + g_safe)
@@ -51,16 +50,16 @@ def nvfp4_quantize(x: torch.Tensor, smooth: torch.Tensor | None,
     m, k = x.shape
     if smooth is not None:
         check(smooth.shape == (k,), f"smooth must be ({k},)")
+        smooth = smooth.contiguous()
     kp = -(-k // 16) * 16
     gs = (amax.to(torch.float32).reshape(()) / torch.full((), 2688.0, device=x.device)).reshape(1)
     codes = torch.empty((m, kp // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty((m, kp // 16), dtype=torch.uint8, device=x.device)
     if m:
         bm = 16
-        rs = smooth_rcp(smooth) if smooth is not None else x
         _nvfp4_quant_kernel[(triton.cdiv(m, bm),)](
-            x, rs, gs, codes, scales, m, k, kp, x.stride(0), codes.stride(0), scales.stride(0),
-            HAS_SMOOTH=smooth is not None, BM=bm, BG=64, num_warps=4)
+            x, smooth if smooth is not None else x, gs, codes, scales, m, k, kp, x.stride(0), codes.stride(0),
+            scales.stride(0), HAS_SMOOTH=smooth is not None, BM=bm, BG=64, num_warps=4)
     return codes, scales.view(torch.float8_e4m3fn), gs.reshape(())
 
 

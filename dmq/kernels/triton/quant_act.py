@@ -1,6 +1,5 @@
-"""Activation quantization: x is divided by ``smooth`` (multiplied by its cached fp32 reciprocal) and quantized to
-int4 / int8 / fp8 codes; the low-rank down-projection ``(x / smooth) · proj_down`` is one cuBLAS GEMM
-``x · (proj_down / smooth)``.
+"""Activation quantization: x is divided by ``smooth`` and quantized to int4 / int8 / fp8 codes; the low-rank
+down-projection ``(x / smooth) · proj_down`` is one cuBLAS GEMM ``x · (proj_down / smooth)``.
 
 Per token, one program owns a few whole rows (autotuned) and makes two passes over them (row maxima, then codes;
 the second read mostly hits L2), one launch; two-level int4 groups go through it too (their second-level scale is
@@ -17,7 +16,7 @@ import triton.language as tl
 
 from dmq.formats import SUB_MAX, padded_channels
 from dmq.kernels._common import (FLOAT16, bench_fn, check, encode_e4m3, fixed_config, fold_down, m_bucket, next_pow2,
-                                rcp, rint_small, smooth_rcp)
+                                rcp, rint_small)
 from dmq.kernels.reference.quant_act import TWO_LEVEL, act_spec, pixel_rows
 
 __all__ = ["quantize_act"]
@@ -46,10 +45,9 @@ SUB_MAX_C = tl.constexpr(SUB_MAX)  # a jit function may read a global only when 
 
 
 @triton.jit
-def _load_xs(x_ptr, rs_ptr, rm, rk, M, K, stride_xm, HW, HAS_SMOOTH: tl.constexpr, PLANAR: tl.constexpr,
+def _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HW, HAS_SMOOTH: tl.constexpr, PLANAR: tl.constexpr,
              BM: tl.constexpr):
-    """A (BM, BK) fp32 tile of x · (1 / smooth): rows ``rm``, columns ``rk``; ``rs_ptr``: the fp32 reciprocal of
-    smooth (:func:`dmq.kernels._common.smooth_rcp`), one multiply per element. PLANAR: x is a contiguous NCHW image
+    """A (BM, BK) fp32 tile of x / smooth: rows ``rm``, columns ``rk``. PLANAR: x is a contiguous NCHW image
     (K channels, HW pixels per image, HW a multiple of BM, so no row is out of range) read in place, pixel m of
     image m // HW at offset m % HW of each channel plane: a program's rows are one run of contiguous pixels, which
     the hints (and no row mask) let the compiler load 16 bytes at a time."""
@@ -61,7 +59,8 @@ def _load_xs(x_ptr, rs_ptr, rm, rk, M, K, stride_xm, HW, HAS_SMOOTH: tl.constexp
                     other=0.0)
     x = x.to(tl.float32)
     if HAS_SMOOTH:
-        x = x * tl.load(rs_ptr + rk, mask=rk < K, other=1.0)[None, :]
+        sm = tl.load(sm_ptr + rk, mask=rk < K, other=1.0).to(tl.float32)
+        x = x * rcp(sm)[None, :]
     return x
 
 
@@ -107,7 +106,7 @@ def _store_two_level(xs, s2_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX: tl.const
 
 
 @triton.jit(do_not_specialize=["M"])
-def _group_kernel(x_ptr, rs_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, HW, stride_cm, stride_sm,
+def _group_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, HW, stride_cm, stride_sm,
                   HAS_SMOOTH: tl.constexpr, PLANAR: tl.constexpr, QMAX: tl.constexpr, PACK: tl.constexpr,
                   GROUP: tl.constexpr, BM: tl.constexpr):
     """Per-group scales (fp16, as stored by dmq.formats): one pass over a BM × KCH tile."""
@@ -115,7 +114,7 @@ def _group_kernel(x_ptr, rs_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, HW, str
     k_start = tl.program_id(1) * KCH
     for k0 in range(k_start, tl.minimum(k_start + KCH, KP), GROUP):
         rk = k0 + tl.arange(0, GROUP)
-        xs = _load_xs(x_ptr, rs_ptr, rm, rk, M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
+        xs = _load_xs(x_ptr, sm_ptr, rm, rk, M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
         amax = tl.max(tl.abs(xs), axis=1)
         s16 = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX).to(tl.float16)
         tl.store(s_ptr + rm * stride_sm + k0 // GROUP, s16, mask=rm < M)
@@ -125,7 +124,7 @@ def _group_kernel(x_ptr, rs_ptr, c_ptr, s_ptr, M, K, KP, KCH, stride_xm, HW, str
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
-def _token_kernel(x_ptr, rs_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, HW, stride_cm,
+def _token_kernel(x_ptr, sm_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, HW, stride_cm,
                   HAS_SMOOTH: tl.constexpr, PLANAR: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr,
                   PACK: tl.constexpr, TWO_LEVEL_GROUP: tl.constexpr, WHOLE: tl.constexpr, BM: tl.constexpr,
                   BK: tl.constexpr):
@@ -135,12 +134,12 @@ def _token_kernel(x_ptr, rs_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, HW
     SUB_MAX (the largest group scale over SUB_MAX)."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     if WHOLE:
-        xs = _load_xs(x_ptr, rs_ptr, rm, tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
+        xs = _load_xs(x_ptr, sm_ptr, rm, tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
         amax = tl.max(tl.abs(xs), axis=1)
     else:
         amax = tl.zeros((BM,), dtype=tl.float32)
         for k0 in range(0, KP, BK):
-            xs = _load_xs(x_ptr, rs_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
+            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
             amax = tl.maximum(amax, tl.max(tl.abs(xs), axis=1))
     s = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
     if TWO_LEVEL_GROUP:
@@ -150,7 +149,7 @@ def _token_kernel(x_ptr, rs_ptr, c_ptr, s_ptr, M, K, KP, M_BUCKET, stride_xm, HW
     inv = rcp(s_div)
     for k0 in range(0, KP, BK):
         if not WHOLE:
-            xs = _load_xs(x_ptr, rs_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
+            xs = _load_xs(x_ptr, sm_ptr, rm, k0 + tl.arange(0, BK), M, K, stride_xm, HW, HAS_SMOOTH, PLANAR, BM)
         if TWO_LEVEL_GROUP:
             _store_two_level(xs, s_div, c_ptr, rm, k0, M, KP, stride_cm, QMAX, SUB_MAX_C, TWO_LEVEL_GROUP, BM, BK)
         else:
@@ -219,6 +218,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     m, k = (x.numel() // x.shape[1], x.shape[1]) if planar else x.shape
     if smooth is not None:
         check(smooth.shape == (k,), lambda: f"smooth must be ({k},), got {tuple(smooth.shape)}")
+        smooth = smooth.contiguous()
     r = 0
     if proj_down is not None:
         check(proj_down.dim() == 2 and proj_down.shape[0] == k,
@@ -244,17 +244,17 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor | None, proj_down: torch.
     if m == 0:
         return codes.view(torch.float8_e4m3fn) if qdtype == "fp8_e4m3" else codes, scales, lowrank
     qmax = float(spec.qtype.qmax)
-    rs_arg = smooth_rcp(smooth) if smooth is not None else x
+    sm_arg = smooth if smooth is not None else x
     if group_size and not two_level:
         bm = _BM if m > 16 else 16
         nsplit, kch = _split(m, kp, group_size, bm)
-        _group_kernel[(triton.cdiv(m, bm), nsplit)](x, rs_arg, codes, scales, m, k, kp, kch, x.stride(0), hw,
+        _group_kernel[(triton.cdiv(m, bm), nsplit)](x, sm_arg, codes, scales, m, k, kp, kch, x.stride(0), hw,
                                                     codes.stride(0), scales.stride(0), HAS_SMOOTH=smooth is not None,
                                                     PLANAR=planar, QMAX=qmax, PACK=bool(pack),
                                                     GROUP=int(group_size), BM=bm, num_warps=4)
     else:
         # two-level: kp is a multiple of the group size, and so is bk (both powers of two, bk ≥ group)
-        args = (x, rs_arg, codes, scales, m, k, kp, m_bucket(m), x.stride(0), hw, codes.stride(0))
+        args = (x, sm_arg, codes, scales, m, k, kp, m_bucket(m), x.stride(0), hw, codes.stride(0))
         meta = dict(HAS_SMOOTH=smooth is not None, PLANAR=planar, IS_FP8=qdtype == "fp8_e4m3", QMAX=qmax,
                     PACK=bool(pack), TWO_LEVEL_GROUP=int(group_size) if two_level else 0)
         if fixed_config():
