@@ -107,36 +107,6 @@ def test_planar_quantizer_loads_sixteen_bytes_at_a_time(hopper_rows):
         assert r.get("sass_LDG.128", 0) >= 4, r["variant"]
 
 
-def test_smoothing_costs_the_quantizers_no_division():
-    """The activation quantizers multiply by the cached reciprocal of smooth: each per-token config compiled with
-    smoothing issues as many special-function (MUFU) instructions as without it (computing the reciprocal in the
-    kernel had put one IEEE division per element held by a thread into the SASS: 36 instead of 4 at 16 x 512)."""
-    proc = _python("""
-        import json, torch
-        from dmq.kernels.aot import compile_only
-        from dmq.kernels.triton import quant_act, nvfp4
-
-        x = torch.zeros(4096, 3072, dtype=torch.bfloat16)
-        smooth = torch.ones(3072, dtype=torch.bfloat16)
-        out = {}
-        with compile_only((9, 0)) as s:
-            for sm in (smooth, None):
-                quant_act.quantize_act(x, sm, None, "int8", 0, False)
-                quant_act.quantize_act(x, sm, None, "int4_2l", 64, False)
-                quant_act.quantize_act(x, sm, None, "int4", 64, True)
-                nvfp4.nvfp4_quantize(x, sm, torch.ones(()))
-            for launch in s.launches:
-                meta = dict(launch.meta)
-                key = str(sorted((k, v) for k, v in meta.items() if k != "HAS_SMOOTH")) + launch.kernel
-                out.setdefault(key, {})[str(meta["HAS_SMOOTH"])] = s.build(launch).sass.get("MUFU", 0)
-        print(json.dumps(out))
-    """)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pairs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(pairs) >= 8 and all(set(p) == {"True", "False"} for p in pairs.values())
-    assert all(p["True"] == p["False"] for p in pairs.values()), pairs
-
-
 def test_compile_only_leaves_triton_as_it_was():
     proc = _python("""
         import torch
