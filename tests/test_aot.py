@@ -98,6 +98,14 @@ def test_int8_gemms_run_on_warpgroup_mma_fed_by_tma(hopper_rows):
         assert r.get("sass_HGMMA", 0) > 0, r["variant"]     # the rank-32 up-projection in the epilogue
 
 
+def test_persistent_configs_fit_their_programs_per_sm(hopper_rows):
+    """The persistent GEMM launches PER_SM programs per SM: each config fits that many on an sm_90 SM."""
+    rows = [r for r in hopper_rows if r["case"] == "gemm._gemm_tma_persistent_kernel"]
+    assert {r["variant"].split("PER_SM=")[1][0] for r in rows} == {"1", "2"}
+    for r in rows:
+        assert r["programs_per_sm"] >= int(r["variant"].split("PER_SM=")[1][0]), r["variant"]
+
+
 def test_planar_quantizer_loads_sixteen_bytes_at_a_time(hopper_rows):
     """The per-pixel quantizer reading NCHW images in place loads runs of pixels with 128-bit loads (with a row
     mask, or without the contiguity hints, every load was 16-bit)."""

@@ -199,12 +199,14 @@ def _gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr,
               stride_lm, stride_ur, stride_om, A_GROUP, W_GROUP, HAS_LR, HAS_BIAS, BR)
 
 
-def _tma_cfg(bm, bn, bk, warps, stages):
+def _tma_cfg(bm, bn, bk, warps, stages, per_sm=None):
+    """A TMA GEMM config; ``per_sm``: the persistent kernel's programs per SM (its launch grid)."""
     def hook(nargs):   # host-side descriptors carry the tile shape: set it to this config's
         nargs["a_desc"].block_shape = [bm, bk]
         nargs["w_desc"].block_shape = [bn, bk]
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
-                         pre_hook=hook)
+    extra = {} if per_sm is None else {"PER_SM": per_sm}
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, **extra}, num_warps=warps,
+                         num_stages=stages, pre_hook=hook)
 
 
 # int8 weights through TMA (Hopper): measured on the H100 (benchmarks/scratch runs of issue 7), 128x256x128 with 4
@@ -226,6 +228,11 @@ _TMA_KEY = ["M_BUCKET", "N", "K", "R", "GA", "GW", "HAS_BIAS", "RUNS", "CONV_KW"
 # tests and compiled for sm_90 by benchmarks/aot_report.py.
 PERSISTENT = False
 _SMS: dict[int, int] = {}
+# its configs: the one-tile-per-program kernel's, one program per SM, and the two of them that fit twice on an sm_90
+# SM (registers and shared memory, `python benchmarks/aot_report.py`: 128x128x64 with 5 stages, 98 KB; 64x128x128
+# with 4, 110 KB) also with two, so that one program's epilogue overlaps the other's main loop
+_PERSISTENT_CONFIGS = [_tma_cfg(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages, 1)
+                       for c in _TMA_CONFIGS] + [_tma_cfg(128, 128, 64, 4, 5, 2), _tma_cfg(64, 128, 128, 4, 4, 2)]
 # How group scales are applied when a run of K steps shares every scale (gcd of the group sizes > BK, e.g. a
 # convolution's per-(pixel, tap) activation scales over Cin channels): 0 = per K step; 1 = int32 accumulation over
 # the run and one rescale at its end. On the H200 at SDXL's 128² 320-channel conv (32768 x 2880 x 320): 0.106 ms
@@ -322,11 +329,11 @@ def _gemm_tma_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_pt
 def _gemm_tma_persistent_kernel(a_desc, as_ptr, w_desc, ws_ptr, lr_ptr, up_ptr, b_ptr, o_ptr, M, N, K, R, M_BUCKET,
                                 stride_asm, stride_wsn, stride_lm, stride_ur, stride_om,
                                 HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
-                                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """The per-row × per-column scaled path of :func:`_gemm_tma_kernel` as a persistent kernel: the programs (one
-    per SM) walk the output tiles, and the tile loop is flattened with the K loop so that the next tile's TMA loads
-    are issued while this tile's epilogue runs. The epilogue's tile comes from its own counter (``done``) instead
-    of values carried across the flattened loop."""
+                                BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PER_SM: tl.constexpr):
+    """The per-row × per-column scaled path of :func:`_gemm_tma_kernel` as a persistent kernel: the programs
+    (PER_SM per SM, which only the launch grid uses) walk the output tiles, and the tile loop is flattened with the
+    K loop so that the next tile's TMA loads are issued while this tile's epilogue runs. The epilogue's tile comes
+    from its own counter (``done``) instead of values carried across the flattened loop."""
     tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
     programs = tl.num_programs(0)
     done = tl.program_id(0) - programs
@@ -370,7 +377,7 @@ _TUNED = {
     "int4b_swap_group": triton.autotune(_INT4_SWAP_GROUP_CONFIGS, key=_KEY, do_bench=bench_fn)(_gemm_h),
     "tma": triton.autotune(_TMA_CONFIGS, key=_TMA_KEY, do_bench=bench_fn)(_gemm_tma_kernel),
     "tma_64": triton.autotune(_TMA_CONFIGS_64, key=_TMA_KEY, do_bench=bench_fn)(_gemm_tma_kernel),
-    "tma_persistent": triton.autotune(_TMA_CONFIGS, key=["M_BUCKET", "N", "K", "R", "HAS_BIAS"],
+    "tma_persistent": triton.autotune(_PERSISTENT_CONFIGS, key=["M_BUCKET", "N", "K", "R", "HAS_BIAS"],
                                       do_bench=bench_fn)(_gemm_tma_persistent_kernel),
 }
 
@@ -539,8 +546,8 @@ def _launch_tma(a, a_scales, w, w_scales, tail, m, n, k, r, a_group, w_group, me
 
 def _launch_persistent(head: tuple, strides: tuple, meta: dict, a: torch.Tensor, m: int, n: int) -> None:
     """:func:`_gemm_tma_persistent_kernel` on :func:`_launch_tma`'s operands (no group scales, no convolution):
-    one program per SM (3 with the fixed config of the interpreter and the quick GPU checks, so that programs walk
-    several tiles)."""
+    the config's programs per SM (3 programs with the fixed config of the interpreter and the quick GPU checks, so
+    that programs walk several tiles)."""
     if fixed_config():
         programs = 3
     elif capability(a) and not a.is_cuda:   # compile-only (dmq.kernels.aot): an H100's count
@@ -553,9 +560,10 @@ def _launch_persistent(head: tuple, strides: tuple, meta: dict, a: torch.Tensor,
     tail = (*head, *strides)
 
     def grid(c):
-        return (min(programs, triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"])),)
+        return (min(programs * c["PER_SM"], triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"])),)
 
     if fixed_config():   # (the descriptors' block shape is already the fixed config's, 64 x 64)
-        _gemm_tma_persistent_kernel[grid(dict(BM=64, BN=64))](*tail, **meta, BM=64, BN=64, BK=64, GROUP_M=4)
+        _gemm_tma_persistent_kernel[grid(dict(BM=64, BN=64, PER_SM=1))](*tail, **meta, BM=64, BN=64, BK=64,
+                                                                         GROUP_M=4, PER_SM=1)
     else:
         _TUNED["tma_persistent"][grid](*tail, **meta)
